@@ -1,0 +1,197 @@
+"""The coordinate convention of xjax, written once.
+
+* **Arrays** of one image are indexed ``(x, y)`` in 2D and ``(x, y, z)`` in 3D: axis ``a`` of the
+  array is voxel index ``i_a`` of the NIfTI file, exactly as ``nibabel``'s ``get_fdata()`` returns it.
+  A group of ``N`` images on one grid is an array ``(N, *spatial)``.
+* **World** coordinates are millimetres in the NIfTI (RAS+) frame. A :class:`Grid` owns the
+  ``(D+1, D+1)`` affine ``world = A @ [index, 1]``; 2D grids carry a 3x3 affine (the in-plane part
+  of the NIfTI 4x4).
+* **Vector fields** (displacements, velocities) are channels-last, ``(*spatial, D)``, in world mm.
+* **Transforms pull**: a transform ``phi_j`` maps a point ``x`` of the common space (world mm) to
+  the point ``phi_j(x) = x + u_j(x)`` of image ``j``'s world space, and the warped image is
+  ``(U_j o phi_j)(x) = U_j(phi_j(x))``, sampled by interpolation. A displacement field stored on a
+  grid holds ``u_j(x)`` at that grid's voxel centres.
+
+Everything that converts between indices and millimetres goes through :class:`Grid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Grid", "bounding_grid"]
+
+
+def _as_tuple_matrix(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in np.asarray(a, dtype=np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A regular sampling grid: static shape plus an index -> world affine.
+
+    Hashable and static under ``jax.jit`` (it holds Python numbers only).
+
+    Attributes:
+      shape: number of voxels along each index axis, ``(X, Y)`` or ``(X, Y, Z)``.
+      affine: ``(D+1, D+1)`` nested tuple, ``world_mm = affine @ [index, 1]``.
+    """
+
+    shape: tuple[int, ...]
+    affine: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        object.__setattr__(self, "shape", shape)
+        a = np.asarray(self.affine, dtype=np.float64)
+        d = len(shape)
+        if d not in (2, 3):
+            raise ValueError(f"Grid must be 2D or 3D, got shape {shape}")
+        if any(s < 1 for s in shape):
+            raise ValueError(f"Grid shape must be positive, got {shape}")
+        if a.shape != (d + 1, d + 1):
+            raise ValueError(f"a {d}D grid needs a {(d + 1, d + 1)} affine, got {a.shape}")
+        if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:d, :d])) < 1e-12:
+            raise ValueError(f"Grid affine must be finite and invertible, got\n{a}")
+        object.__setattr__(self, "affine", _as_tuple_matrix(a))
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def regular(cls, shape: Sequence[int], spacing: float | Sequence[float] = 1.0,
+                origin: Sequence[float] | None = None) -> "Grid":
+        """Axis-aligned grid; ``origin`` is the world position of voxel 0 (default: centred at 0)."""
+        shape = tuple(int(s) for s in shape)
+        d = len(shape)
+        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (d,))
+        if origin is None:
+            origin = -0.5 * (np.asarray(shape) - 1) * sp
+        a = np.eye(d + 1)
+        a[:d, :d] = np.diag(sp)
+        a[:d, d] = np.asarray(origin, dtype=np.float64)
+        return cls(shape, _as_tuple_matrix(a))
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The affine as a float64 numpy array, ``(D+1, D+1)``."""
+        return np.asarray(self.affine, dtype=np.float64)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each index axis, ``(D,)``."""
+        return np.linalg.norm(self.matrix[:-1, :-1], axis=0)
+
+    @property
+    def center(self) -> np.ndarray:
+        """World position (mm) of the grid's centre, ``(D,)``."""
+        return self.index_to_world_np((np.asarray(self.shape) - 1) / 2.0)
+
+    def corners(self) -> np.ndarray:
+        """World positions of the ``2**D`` corner voxel centres, ``(2**D, D)``."""
+        idx = np.stack(np.meshgrid(*[[0, s - 1] for s in self.shape], indexing="ij"), -1)
+        return self.index_to_world_np(idx.reshape(-1, self.ndim).astype(np.float64))
+
+    def index_to_world_np(self, idx: np.ndarray) -> np.ndarray:
+        a = self.matrix
+        return np.asarray(idx, np.float64) @ a[:-1, :-1].T + a[:-1, -1]
+
+    def index_to_world(self, idx):
+        """Voxel index ``(..., D)`` -> world mm ``(..., D)`` (jax arrays, traceable)."""
+        a = jnp.asarray(self.matrix, dtype=jnp.result_type(idx, jnp.float32))
+        return idx @ a[:-1, :-1].T + a[:-1, -1]
+
+    def world_to_index(self, pts):
+        """World mm ``(..., D)`` -> continuous voxel index ``(..., D)`` (traceable)."""
+        inv = np.linalg.inv(self.matrix)
+        a = jnp.asarray(inv, dtype=jnp.result_type(pts, jnp.float32))
+        return pts @ a[:-1, :-1].T + a[:-1, -1]
+
+    def index_points(self, dtype=jnp.float32):
+        """Voxel indices of every voxel, ``(*shape, D)``."""
+        axes = [jnp.arange(s, dtype=dtype) for s in self.shape]
+        return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
+
+    def points(self, dtype=jnp.float32):
+        """World coordinates (mm) of every voxel centre, ``(*shape, D)``."""
+        return self.index_to_world(self.index_points(dtype))
+
+    def axis_coordinates(self, axis: int) -> np.ndarray:
+        """Positions (mm) of the voxel centres along one index axis, measured along that axis from
+        voxel 0 (``i * spacing[axis]``). Used by separable (tensor-product) evaluations."""
+        return np.arange(self.shape[axis], dtype=np.float64) * self.spacing[axis]
+
+    # ---- derived grids --------------------------------------------------------------------
+    def downsample(self, factor: int = 2) -> "Grid":
+        """The next coarser pyramid level: ``ceil(n / factor)`` voxels per axis, each ``factor``
+        times larger, covering the same field of view (new voxel ``i`` is centred on old
+        continuous index ``factor * i + (factor - 1) / 2``)."""
+        if factor == 1:
+            return self
+        d = self.ndim
+        shape = tuple(max(1, -(-s // factor)) for s in self.shape)
+        scale = np.eye(d + 1)
+        scale[:d, :d] *= factor
+        scale[:d, d] = (factor - 1) / 2.0
+        return Grid(shape, _as_tuple_matrix(self.matrix @ scale))
+
+    def with_shape(self, shape: Sequence[int]) -> "Grid":
+        return Grid(tuple(shape), self.affine)
+
+    def to_nifti_affine(self) -> np.ndarray:
+        """The 4x4 NIfTI affine (a 2D grid becomes a one-slice 3D grid at z = 0)."""
+        if self.ndim == 3:
+            return self.matrix
+        a = np.eye(4)
+        a[:2, :2] = self.matrix[:2, :2]
+        a[:2, 3] = self.matrix[:2, 2]
+        return a
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:.3g}" for s in self.spacing)
+        return f"Grid(shape={self.shape}, spacing=({sp}) mm)"
+
+
+def bounding_grid(grids: Sequence[Grid], spacing: float | Sequence[float] | None = None) -> Grid:
+    """A grid aligned with ``grids[0]``'s axes whose field of view bounds every grid of the group.
+
+    Args:
+      grids: the images' grids (same dimensionality).
+      spacing: voxel size (mm) of the result; default the finest spacing of the group per axis.
+    """
+    if not grids:
+        raise ValueError("bounding_grid needs at least one grid")
+    d = grids[0].ndim
+    if any(g.ndim != d for g in grids):
+        raise ValueError(f"cannot bound grids of mixed dimensionality: {[g.ndim for g in grids]}")
+    ref = grids[0].matrix
+    direction = ref[:d, :d] / grids[0].spacing  # unit columns
+    if spacing is None:
+        sp = np.min(np.stack([g.spacing for g in grids]), axis=0)
+    else:
+        sp = np.broadcast_to(np.asarray(spacing, np.float64), (d,))
+    # Field of view of each grid (voxel-edge corners) expressed along the reference directions.
+    lo = np.full(d, np.inf)
+    hi = np.full(d, -np.inf)
+    for g in grids:
+        idx = np.stack(np.meshgrid(*[[-0.5, s - 0.5] for s in g.shape], indexing="ij"), -1).reshape(-1, d)
+        w = g.index_to_world_np(idx)
+        c = w @ np.linalg.inv(direction).T
+        lo = np.minimum(lo, c.min(0))
+        hi = np.maximum(hi, c.max(0))
+    shape = tuple(int(np.ceil((h - l) / s - 1e-6)) for l, h, s in zip(lo, hi, sp))
+    a = np.eye(d + 1)
+    a[:d, :d] = direction * sp
+    a[:d, d] = direction @ (lo + 0.5 * sp)
+    return Grid(shape, _as_tuple_matrix(a))
