@@ -1,0 +1,99 @@
+"""E-step and M-step: parity with the authors' E-step and float64 brute-force references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xjax import em
+from test_density import dense_kernel_np
+from test_metrics import golden  # noqa: F401  (fixture)
+
+
+def test_reference_estep_matches_golden(x64, golden):  # noqa: F811
+    images, posteriors, values, bins = golden
+    folder_post = np.load(__import__("conftest").PARITY / "xmetric_golden" / "estep_posterior.npy")
+    k = posteriors["soft"].shape[-1]
+    got = em.e_step_reference(jnp.asarray(images.reshape(3, -1)),
+                              jnp.asarray(posteriors["soft"].reshape(-1, k)), bins)
+    want = np.moveaxis(folder_post, 0, -1).reshape(-1, k)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    ref = values["estep_from_soft"]
+    np.testing.assert_allclose(np.asarray(got).mean(0), ref["post_mean_per_class"], rtol=1e-6)
+    side = images.shape[1]
+    np.testing.assert_allclose(got.reshape(side, side, k)[0, 0], ref["post_at_00"], rtol=1e-6)
+
+
+def em_update_np(images, gamma, pi, weights, bins):
+    """Brute force: f_jk tabulated exactly at the bin centres from the dense kernel table,
+    interpolated linearly at each voxel's intensity, posterior normalised in float64."""
+    log_post = np.log(pi)[None].repeat(images.shape[1], 0)
+    for u in images:
+        lo, hi = u.min(), u.max()
+        table = dense_kernel_np(u, lo, hi, bins).T @ (gamma * weights[:, None])
+        table = table / table.sum(0, keepdims=True)
+        pos = (u - lo) / ((hi - lo) / bins) + 2
+        f = np.stack([np.interp(pos, np.arange(bins + 4), table[:, k]) for k in range(gamma.shape[1])], 1)
+        log_post += np.log(np.maximum(f, 1e-8))
+    post = np.exp(log_post - log_post.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    new_pi = (post * weights[:, None]).sum(0)
+    return post, new_pi / new_pi.sum()
+
+
+def test_em_update_matches_numpy(x64):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 200))
+    gamma = rng.dirichlet(np.ones(4), size=200)
+    pi = rng.dirichlet(np.ones(4))
+    weights = (rng.uniform(size=200) > 0.2).astype(float)
+    state = em.em_update(em.EMState(jnp.asarray(gamma), jnp.asarray(pi)), jnp.asarray(images),
+                         jnp.asarray(weights), images.min(1), images.max(1), 16)
+    want_post, want_pi = em_update_np(images, gamma, pi, weights, 16)
+    np.testing.assert_allclose(state.posterior, want_post, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(state.pi, want_pi, rtol=1e-9)
+
+
+def test_em_update_has_no_gradient(x64):
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(2, 50)))
+    state = em.init_em(jax.random.key(0), 50, 3, jnp.float64)
+
+    def f(x):
+        return jnp.sum(em.em_update(state, x, jnp.ones(50), x.min(1), x.max(1), 8).posterior ** 2)
+
+    assert np.all(np.asarray(jax.grad(f)(images)) == 0)
+
+
+def test_init_em_is_a_softmax_of_noise():
+    state = em.init_em(jax.random.key(3), 1000, 5)
+    np.testing.assert_allclose(state.posterior.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(state.pi, 0.2)
+    logits = np.log(np.asarray(state.posterior))
+    centred = logits - logits.mean(1, keepdims=True)
+    # Differences of two N(0, 1) draws have variance 2: the noise is standard normal.
+    assert 1.8 < np.var(centred[:, 0] - centred[:, 1]) < 2.2
+    again = em.init_em(jax.random.key(3), 1000, 5)
+    np.testing.assert_array_equal(state.posterior, again.posterior)
+
+
+def test_appearance_from_labels_recovers_class_histograms(x64):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 300)
+    u = np.array([0.0, 5.0, 10.0])[labels] + rng.normal(scale=0.3, size=300)
+    table = em.appearance_from_labels(jnp.asarray(u), jnp.asarray(labels), 3, u.min(), u.max(), 32)
+    onehot = np.eye(3)[labels]
+    want = dense_kernel_np(u, u.min(), u.max(), 32).T @ onehot
+    np.testing.assert_allclose(table, want / want.sum(0), rtol=1e-10)
+    # The GT E-step then classifies the voxels by their intensity alone.
+    state = em.em_update(em.EMState(jnp.full((300, 3), 1 / 3), jnp.full(3, 1 / 3)), jnp.asarray(u[None]),
+                         jnp.ones(300), u.min()[None], u.max()[None], 32, tables=table[None])
+    assert np.mean(np.argmax(state.posterior, 1) == labels) > 0.99
+
+
+def test_m_step_is_masked_mean(x64):
+    rng = np.random.default_rng(4)
+    post = rng.dirichlet(np.ones(3), size=40)
+    w = rng.uniform(size=40)
+    np.testing.assert_allclose(em.m_step(jnp.asarray(post), jnp.asarray(w)),
+                               (post * w[:, None]).sum(0) / w.sum(), rtol=1e-12)

@@ -1,0 +1,143 @@
+"""The common-anatomy update of X-CoReg: appearance models, E-step and M-step (Eq. 12-14, 20, 22, 48).
+
+Voxels are flattened: a group of warped images is ``(N, V)``, the posterior ``Gamma`` is ``(V, K)``.
+Everything here is evaluated under ``stop_gradient``: the common-space parameters are held fixed
+while the transforms take their gradient step (Algorithm 1, lines 3-5).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xjax.density import EPS, PADDING, bin_positions, evaluate_histogram, joint_histogram
+
+__all__ = [
+    "EMState",
+    "init_em",
+    "appearance",
+    "appearance_from_labels",
+    "log_likelihood",
+    "e_step",
+    "m_step",
+    "em_update",
+    "e_step_reference",
+]
+
+
+class EMState(NamedTuple):
+    """Common-space parameters ``alpha = (Gamma, pi)``.
+
+    Attributes:
+      posterior: ``(V, K)`` spatial distribution of the common anatomy, rows sum to one.
+      pi: ``(K,)`` prior proportions.
+    """
+
+    posterior: jax.Array
+    pi: jax.Array
+
+
+def init_em(key, num_voxels: int, num_classes: int, dtype=jnp.float32) -> EMState:
+    """Eq. (22): ``pi = 1/K`` and ``gamma_x = softmax(g_x)`` with ``g_x ~ N(0, I_K)``."""
+    g = jax.random.normal(key, (num_voxels, num_classes), dtype)
+    return EMState(jax.nn.softmax(g, axis=-1), jnp.full((num_classes,), 1.0 / num_classes, dtype))
+
+
+def appearance(u, weights, lo, hi, bins: int):
+    """Appearance models ``f_jk`` of one image (Eq. 20), tabulated at the bin centres.
+
+    Args:
+      u: ``(V,)`` intensities of the (warped) image.
+      weights: ``(V, K)`` posterior of the previous iteration times the voxel mask.
+      lo, hi, bins: the image's Parzen range and ``L``.
+    Returns:
+      ``(L + 4, K)``: for each class a density over bin positions (each column sums to one;
+      a class without weight gets the uniform density).
+    """
+    hist = joint_histogram(u, weights, lo, hi, bins)
+    total = hist.sum(axis=0, keepdims=True)
+    uniform = jnp.full_like(hist, 1.0 / hist.shape[0])
+    return jnp.where(total > 0, hist / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def appearance_from_labels(u, labels, num_classes: int, lo, hi, bins: int, mask=None):
+    """Ground-truth appearance models of X-Reg-GT (Eq. 48): ``f_jk`` from a label map of the
+    image itself, in its own (unwarped) space, held fixed for all iterations.
+
+    Args:
+      u: ``(V,)`` intensities; labels: ``(V,)`` integers in ``[0, K)``; mask: optional ``(V,)``.
+    Returns:
+      ``(L + 4, K)`` as :func:`appearance`.
+    """
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=u.dtype)
+    if mask is not None:
+        onehot = onehot * mask[:, None]
+    return appearance(u, onehot, lo, hi, bins)
+
+
+def log_likelihood(table, u, lo, hi, bins: int):
+    """``log f_jk(u_x)`` ``(V, K)``: the appearance KDE evaluated at each voxel's own intensity."""
+    return jnp.log(jnp.maximum(evaluate_histogram(table, u, lo, hi, bins), EPS))
+
+
+def e_step(log_lik, pi):
+    """Eq. (12) in log space: ``gamma_x,k = softmax_k(log pi_k + sum_j log f_jk(u_xj))``.
+
+    Args:
+      log_lik: ``(V, K)``, the sum over images of ``log f_jk`` at each voxel.
+      pi: ``(K,)``.
+    """
+    return jax.nn.softmax(jnp.log(jnp.maximum(pi, EPS)) + log_lik, axis=-1)
+
+
+def m_step(posterior, weights):
+    """Eq. (14): ``pi_k`` = the weighted (masked, overlap-region) mean of ``gamma_k``."""
+    pi = jnp.sum(posterior * weights[:, None], axis=0)
+    return pi / jnp.maximum(jnp.sum(pi), EPS)
+
+
+def em_update(state: EMState, warped, weights, lo, hi, bins: int, tables=None) -> EMState:
+    """One common-space update (Algorithm 1, lines 3-4), without gradient.
+
+    Args:
+      state: the previous ``(Gamma, pi)``.
+      warped: ``(N, V)`` warped images on the common grid.
+      weights: ``(V,)`` voxel weights (user mask times the overlap region ``Omega_phi``).
+      lo, hi: ``(N,)`` Parzen ranges; bins: ``L``.
+      tables: optional fixed ``(N, L + 4, K)`` appearance models (X-Reg-GT); by default they are
+        re-estimated from ``state.posterior`` (X-Reg-UN).
+    """
+    warped, weights, state = jax.lax.stop_gradient((warped, weights, state))
+    if tables is None:
+        w = state.posterior * weights[:, None]
+        tables = jax.vmap(appearance, in_axes=(0, None, 0, 0, None))(warped, w, lo, hi, bins)
+    log_lik = jax.vmap(log_likelihood, in_axes=(0, 0, 0, 0, None))(tables, warped, lo, hi, bins)
+    posterior = e_step(jnp.sum(log_lik, axis=0), state.pi)
+    return EMState(posterior, m_step(posterior, weights))
+
+
+def e_step_reference(images, posterior, bins: int, pi=None):
+    """The authors' E-step, reproduced for parity (see REFERENCE.md): ``p(b | k)`` from the joint
+    histogram weighted by ``posterior``, each voxel reads bin ``trunc(position)`` (no
+    interpolation), the product over images is normalised over classes, then clipped to
+    ``[1e-3, 1 - 1e-3 (K - 1)]`` without renormalising. The range is each image's min/max.
+
+    Args:
+      images: ``(N, V)``; posterior: ``(V, K)``; pi: ``(K,)``, default uniform.
+    Returns:
+      ``(V, K)``.
+    """
+    k = posterior.shape[-1]
+    pi = jnp.full((k,), 1.0 / k, posterior.dtype) if pi is None else pi
+    lo, hi = images.min(axis=1), images.max(axis=1)
+
+    def one(u, lo_j, hi_j):
+        table = appearance(u, posterior, lo_j, hi_j, bins)
+        b = jnp.clip(jnp.trunc(bin_positions(u, lo_j, hi_j, bins)), 0, bins + 2 * PADDING - 1)
+        return jnp.log(jnp.maximum(table[b.astype(jnp.int32)], EPS))
+
+    log_lik = jnp.sum(jax.vmap(one)(images, lo, hi), axis=0)
+    post = e_step(log_lik, pi)
+    return jnp.clip(post, 1e-3, 1.0 - 1e-3 * (k - 1))
