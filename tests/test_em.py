@@ -25,16 +25,17 @@ def test_reference_estep_matches_golden(x64, golden):  # noqa: F811
 
 
 def em_update_np(images, gamma, pi, weights, bins):
-    """Brute force: f_jk tabulated exactly at the bin centres from the dense kernel table,
-    interpolated linearly at each voxel's intensity, posterior normalised in float64."""
+    """Brute force: f_jk tabulated exactly at the bin centres from the dense kernel table, its
+    logarithm interpolated linearly at each voxel's intensity, posterior normalised in float64."""
     log_post = np.log(pi)[None].repeat(images.shape[1], 0)
     for u in images:
         lo, hi = u.min(), u.max()
         table = dense_kernel_np(u, lo, hi, bins).T @ (gamma * weights[:, None])
         table = table / table.sum(0, keepdims=True)
         pos = (u - lo) / ((hi - lo) / bins) + 2
-        f = np.stack([np.interp(pos, np.arange(bins + 4), table[:, k]) for k in range(gamma.shape[1])], 1)
-        log_post += np.log(np.maximum(f, 1e-8))
+        log_table = np.log(np.maximum(table, 1e-8))
+        log_post += np.stack([np.interp(pos, np.arange(bins + 4), log_table[:, k])
+                              for k in range(gamma.shape[1])], 1)
     post = np.exp(log_post - log_post.max(1, keepdims=True))
     post /= post.sum(1, keepdims=True)
     new_pi = (post * weights[:, None]).sum(0)

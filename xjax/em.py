@@ -78,8 +78,13 @@ def appearance_from_labels(u, labels, num_classes: int, lo, hi, bins: int, mask=
 
 
 def log_likelihood(table, u, lo, hi, bins: int):
-    """``log f_jk(u_x)`` ``(V, K)``: the appearance KDE evaluated at each voxel's own intensity."""
-    return jnp.log(jnp.maximum(evaluate_histogram(table, u, lo, hi, bins), EPS))
+    """``log f_jk(u_x)`` ``(V, K)``: the appearance KDE at each voxel's own intensity, in log space.
+
+    ``table`` holds the KDE evaluated exactly at the bin centres; its logarithm is interpolated
+    linearly between the two centres around ``u_x`` (exact at the centres, one gather per voxel
+    instead of a kernel sum over all samples).
+    """
+    return evaluate_histogram(jnp.log(jnp.maximum(table, EPS)), u, lo, hi, bins)
 
 
 def e_step(log_lik, pi):
@@ -98,7 +103,7 @@ def m_step(posterior, weights):
     return pi / jnp.maximum(jnp.sum(pi), EPS)
 
 
-def em_update(state: EMState, warped, weights, lo, hi, bins: int, tables=None) -> EMState:
+def em_update(state: EMState, warped, weights, lo, hi, bins: int, tables=None, sample_index=None) -> EMState:
     """One common-space update (Algorithm 1, lines 3-4), without gradient.
 
     Args:
@@ -108,11 +113,17 @@ def em_update(state: EMState, warped, weights, lo, hi, bins: int, tables=None) -
       lo, hi: ``(N,)`` Parzen ranges; bins: ``L``.
       tables: optional fixed ``(N, L + 4, K)`` appearance models (X-Reg-GT); by default they are
         re-estimated from ``state.posterior`` (X-Reg-UN).
+      sample_index: optional ``(S,)`` voxel indices: the sample ``Omega_S`` over which Eq. (20)
+        sums for the appearance models (default: every voxel). The posterior is always updated
+        over the whole grid.
     """
     warped, weights, state = jax.lax.stop_gradient((warped, weights, state))
     if tables is None:
         w = state.posterior * weights[:, None]
-        tables = jax.vmap(appearance, in_axes=(0, None, 0, 0, None))(warped, w, lo, hi, bins)
+        u = warped
+        if sample_index is not None:
+            u, w = warped[:, sample_index], w[sample_index]
+        tables = jax.vmap(appearance, in_axes=(0, None, 0, 0, None))(u, w, lo, hi, bins)
     log_lik = jax.vmap(log_likelihood, in_axes=(0, 0, 0, 0, None))(tables, warped, lo, hi, bins)
     posterior = e_step(jnp.sum(log_lik, axis=0), state.pi)
     return EMState(posterior, m_step(posterior, weights))

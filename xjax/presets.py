@@ -1,0 +1,114 @@
+"""Typed presets: named, frozen :class:`~xjax.register.Config` factories with a few knobs each.
+
+Every preset takes keyword arguments only, so a misspelt knob raises ``TypeError``. Learning
+rates are Adam step sizes in mm per step; angles and affine entries are scaled by 0.01 inside the
+optimiser (see ``Transform.lr_scale``). Iterations are per pyramid level.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from xjax.register import Config, Stage
+from xjax.transforms import Affine, BSplineFFD, Rigid, StationaryVelocity, Translation
+
+__all__ = ["translation", "rigid", "affine", "ffd", "rigid_ffd", "affine_ffd", "svf", "get", "NAMES"]
+
+
+def _model(stages, *, num_classes: int, mode: str, reference: int) -> Config:
+    return Config(tuple(stages), num_classes=num_classes, mode=mode, reference=reference)
+
+
+def _translation_stage(iterations: int, levels: int, bins: int, sample_rate: float) -> Stage:
+    return Stage(Translation(), iterations=iterations, levels=levels, learning_rate=1.0,
+                 bins=bins, sample_rate=sample_rate)
+
+
+def translation(*, iterations: int = 50, levels: int = 3, bins: int = 32, sample_rate: float = 0.1,
+                num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """Translation only (mm), coarse to fine."""
+    stage = _translation_stage(iterations, levels, bins, sample_rate)
+    return _model([stage], num_classes=num_classes, mode=mode, reference=reference)
+
+
+def rigid(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate: float = 0.1,
+          num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """The paper's two-stage rigid scheme: translation (twice the levels, 32 bins), then rigid."""
+    stages = [_translation_stage(iterations // 2, levels + 1, 32, sample_rate),
+              Stage(Rigid(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
+                    sample_rate=sample_rate)]
+    return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
+
+
+def affine(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate: float = 0.1,
+           num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """Translation, then affine."""
+    stages = [_translation_stage(iterations // 2, levels + 1, 32, sample_rate),
+              Stage(Affine(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
+                    sample_rate=sample_rate)]
+    return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
+
+
+def _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate):
+    spacings = (spacing,) if isinstance(spacing, (int, float)) else tuple(spacing)
+    return [Stage(BSplineFFD(spacing=float(s)), iterations=iterations, levels=levels,
+                  learning_rate=learning_rate, bins=bins, sample_rate=sample_rate, bending=bending)
+            for s in spacings]
+
+
+def ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+        learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+        num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """Multi-level cubic B-spline FFD: one stage per control spacing (mm), coarse mesh first,
+    levels composed, each optimised in turn with bending energy ``bending`` (paper: 0.001)."""
+    stages = _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
+    return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
+
+
+def rigid_ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+              learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+              num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """Rigid (translation then rigid), then multi-level FFD."""
+    linear = rigid(iterations=iterations, levels=levels, bins=bins, sample_rate=sample_rate,
+                   num_classes=num_classes).stages
+    stages = list(linear) + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
+    return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
+
+
+def affine_ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+               learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+               num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
+    """Affine (translation then affine), then multi-level FFD."""
+    linear = affine(iterations=iterations, levels=levels, bins=bins, sample_rate=sample_rate,
+                    num_classes=num_classes).stages
+    stages = list(linear) + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
+    return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
+
+
+def svf(*, iterations: int = 150, levels: int = 3, learning_rate: float = 0.1, bending: float = 1.0,
+        steps: int = 7, bins: int = 64, sample_rate: float = 0.1, num_classes: int = 4,
+        mode: str = "unbiased", reference: int = 0) -> Config:
+    """Stationary velocity field (scaling and squaring, ``steps`` squarings) on the common grid."""
+    stage = Stage(StationaryVelocity(steps=steps), iterations=iterations, levels=levels,
+                  learning_rate=learning_rate, bins=bins, sample_rate=sample_rate, bending=bending)
+    return _model([stage], num_classes=num_classes, mode=mode, reference=reference)
+
+
+_PRESETS: dict[str, Callable[..., Config]] = {
+    "translation": translation,
+    "rigid": rigid,
+    "affine": affine,
+    "ffd": ffd,
+    "rigid+ffd": rigid_ffd,
+    "affine+ffd": affine_ffd,
+    "svf": svf,
+}
+#: The preset names accepted by :func:`get` and the command line.
+NAMES = tuple(_PRESETS)
+
+
+def get(name: str, **knobs) -> Config:
+    """The preset ``name`` (one of :data:`NAMES`) with its keyword knobs."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(NAMES)}")
+    return _PRESETS[name](**knobs)

@@ -1,0 +1,419 @@
+"""X-CoReg groupwise registration (Algorithm 1): stages x pyramid levels, a ``lax.scan`` inner loop.
+
+One registration step, for a group of ``N`` images on one common grid (Algorithm 1, lines 3-5):
+
+1. displacements ``u_j`` of the current transforms (centred by Eq. 37 in unbiased mode, or with
+   the reference image held at the identity), warped images on the whole grid;
+2. E-step over the whole grid without gradient: appearance models ``f_jk`` from the previous
+   posterior (or fixed ground-truth models, X-Reg-GT), posterior ``Gamma`` (Eq. 12) and ``pi``
+   (Eq. 14) over the overlap region ``Omega_phi``;
+3. a fixed count of voxels drawn at random (``sample_rate`` of the level's grid, redrawn every step),
+   the X-metric of the warped samples against the new posterior, minus ``lambda`` times the bending
+   energy summed over the group (Eq. 15), and one optax update of the transform parameters.
+
+The loop over steps is a ``lax.scan`` inside one ``jax.jit``: one compile per (stage, pyramid
+level). Everything is a pure function of arrays, so ``jax.vmap(register)`` runs batches of
+independent groups of one shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from xjax import validate
+from xjax.em import EMState, appearance_from_labels, em_update, init_em
+from xjax.grid import Grid
+from xjax.interpolate import sample, sample_inside
+from xjax.metrics import FORMS, class_information
+from xjax.transforms import Transform, chain_displacement
+from xjax.transforms.base import grid_points
+
+__all__ = ["Stage", "Config", "Result", "register", "pyramid", "STATUS"]
+
+Mode = Literal["unbiased", "reference"]
+#: ``Result.status`` codes.
+STATUS = {0: "converged", 1: "non-finite loss or parameters"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a registration: a transform model optimised over a pyramid.
+
+    Attributes:
+      transform: the transform spec (unbound; :func:`register` binds it to the common grid).
+      iterations: optimisation steps per pyramid level.
+      levels: pyramid levels, run coarse to fine; level ``l`` halves the grid ``l`` times.
+      learning_rate: Adam's step size (ignored when ``optimizer`` is given). Updates are then
+        scaled per parameter by ``transform.lr_scale()`` (e.g. 0.01 for angles in radians).
+      bins: ``L``, Parzen intensity bins.
+      sample_rate: fraction of the level's voxels drawn at random each step for the metric.
+      bending: ``lambda``, weight of the bending energy (summed over the group; Eq. 15).
+      optimizer: any ``optax.GradientTransformation`` (default ``optax.adam(learning_rate)``).
+    """
+
+    transform: Transform
+    iterations: int = 100
+    levels: int = 1
+    learning_rate: float = 0.1
+    bins: int = 64
+    sample_rate: float = 0.1
+    bending: float = 0.0
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.transform, Transform):
+            raise ValueError(f"Stage.transform must be an xjax transform, got {self.transform!r}")
+        for name in ("iterations", "levels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Stage.{name} must be >= 1, got {getattr(self, name)}")
+        validate.check_bins(self.bins)
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"Stage.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.bending < 0:
+            raise ValueError(f"Stage.bending must be >= 0, got {self.bending}")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["transform"] = repr(self.transform)
+        d["optimizer"] = "adam" if self.optimizer is None else repr(self.optimizer)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole registration: stages in optimisation order plus the common-anatomy model.
+
+    Attributes:
+      stages: the stages; their transforms compose as ``phi = T_1 o ... o T_m`` (the last stage
+        acts first on the common-space point, see :mod:`xjax.transforms.chain`).
+      num_classes: ``K``, classes of the common anatomy.
+      mode: ``"unbiased"`` (Eq. 37: the group mean of the transforms is the identity) or
+        ``"reference"`` (image ``reference`` stays at the identity: group-to-reference).
+      reference: the fixed image in ``"reference"`` mode.
+      form: the X-metric form, ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``); both give the
+        same gradient for a fixed posterior.
+    """
+
+    stages: tuple[Stage, ...]
+    num_classes: int = 4
+    mode: Mode = "unbiased"
+    reference: int = 0
+    form: Literal["mi", "reference"] = "mi"
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise ValueError("Config needs at least one stage")
+        validate.check_num_classes(self.num_classes)
+        if self.mode not in ("unbiased", "reference"):
+            raise ValueError(f"mode must be 'unbiased' or 'reference', got {self.mode!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.iterations * s.levels for s in self.stages)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["stages"] = [s.to_dict() for s in self.stages]
+        return d
+
+
+class Result(NamedTuple):
+    """What :func:`register` returns (every field an array or pytree of arrays, so it vmaps).
+
+    Attributes:
+      params: one entry per stage: the group's parameters of that stage (leading axis ``N``),
+        as applied (centred in unbiased mode).
+      displacements: ``(N, *spatial, D)`` in mm on the common grid: ``phi_j(x) = x + u_j(x)``.
+      warped: ``(N, *spatial)`` images pulled through ``phi_j``.
+      posterior: ``(*spatial, K)`` posterior of the common anatomy at the final transforms.
+      pi: ``(K,)`` class proportions.
+      loss_history: ``(T,)`` loss (``-X + lambda R``) of every step, stages and levels in order.
+      status: int scalar, 0 when every loss and parameter is finite (see :data:`STATUS`).
+    """
+
+    params: tuple
+    displacements: jax.Array
+    warped: jax.Array
+    posterior: jax.Array
+    pi: jax.Array
+    loss_history: jax.Array
+    status: jax.Array
+
+
+# ---- pyramid -------------------------------------------------------------------------------------
+
+def _halve(image, ndim: int):
+    """Average 2^D blocks (edge-replicated for odd sizes): the level below on ``Grid.downsample(2)``."""
+    pad = [(0, s % 2) for s in image.shape[:ndim]] + [(0, 0)] * (image.ndim - ndim)
+    image = jnp.pad(image, pad, mode="edge")
+    shape = []
+    for s in image.shape[:ndim]:
+        shape += [s // 2, 2]
+    image = image.reshape(tuple(shape) + image.shape[ndim:])
+    return image.mean(axis=tuple(range(1, 2 * ndim, 2)))
+
+
+def pyramid(image, grid: Grid, levels: int) -> list:
+    """``[(image, grid)]`` from full resolution (level 0) to level ``levels - 1``, each level
+    averaging 2^D blocks of the previous one. ``image`` is ``(*spatial)`` or ``(*spatial, C)``."""
+    out = [(image, grid)]
+    for _ in range(levels - 1):
+        image, grid = _halve(image, grid.ndim), grid.downsample(2)
+        out.append((image, grid))
+    return out
+
+
+def _resample_posterior(posterior, source: Grid, target: Grid):
+    """Carry ``(V, K)`` posterior to another grid of the same field of view (linear, renormalised)."""
+    if source == target:
+        return posterior
+    idx = source.world_to_index(grid_points(target))
+    idx = jnp.clip(idx, 0, jnp.asarray(source.shape, idx.dtype) - 1)
+    moved = sample(posterior.reshape(source.shape + posterior.shape[-1:]), idx)
+    moved = moved.reshape(-1, posterior.shape[-1])
+    return moved / jnp.sum(moved, axis=-1, keepdims=True)
+
+
+# ---- one (stage, level) --------------------------------------------------------------------------
+
+class _Level(NamedTuple):
+    """Everything static about one (stage, level): the jit cache key."""
+
+    stage: Stage  # with a bound transform
+    grid: Grid
+    frozen: tuple[Transform, ...]
+    num_classes: int
+    mode: Mode
+    reference: int
+    form: str
+    progress: Callable | None
+    total_steps: int
+
+
+class _Carry(NamedTuple):
+    params: Any
+    opt_state: Any
+    em: EMState
+
+
+TRACES = {"level": 0}  # incremented when a (stage, level) loop is traced; tests count compiles
+
+
+def _optimizer(stage: Stage) -> optax.GradientTransformation:
+    base = stage.optimizer if stage.optimizer is not None else optax.adam(stage.learning_rate)
+    scales = stage.transform.lr_scale()
+
+    def scale(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+    return optax.chain(base, optax.GradientTransformation(lambda p: optax.EmptyState(), scale))
+
+
+def _effective(level: _Level, params):
+    """The applied parameters: Eq. (37) projection, or the reference image held at identity."""
+    spec = level.stage.transform
+    if level.mode == "unbiased":
+        return spec.center(params)
+    identity = spec.identity()
+    return jax.tree.map(lambda p, i: p.at[level.reference].set(i.astype(p.dtype)), params, identity)
+
+
+def _displacements(spec: Transform, frozen: tuple, frozen_params, params, grid: Grid):
+    """``(N, *grid.shape, D)`` displacements of the chains ``frozen o spec`` of the group."""
+
+    def one(fp, p):
+        return chain_displacement(tuple(zip(frozen, fp)), spec, p, grid)
+
+    return jax.vmap(one)(frozen_params, params)
+
+
+def _warp_group(images, grid: Grid, points):
+    """Pull ``(N, *spatial)`` images at world points ``(N, M, D)``: values and inside flags."""
+    return jax.vmap(lambda im, p: sample_inside(im, grid.world_to_index(p)))(images, points)
+
+
+def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, params, em, key, offset):
+    TRACES["level"] += 1
+    stage, grid = level.stage, level.grid
+    n, d, v = images.shape[0], grid.ndim, grid.size
+    lo, hi = ranges
+    x = grid_points(grid, images.dtype).reshape(v, d)
+    samples = max(1, int(round(stage.sample_rate * v)))
+    spec = stage.transform
+    tx = _optimizer(stage)
+
+    def loss_fn(params, em, key):
+        eff = _effective(level, params)
+        u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
+        points = x[None] + u
+        warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
+        weights = mask * jnp.prod(inside, axis=0)
+        idx = jax.random.randint(key, (samples,), 0, v)
+        em = em_update(em, warped, weights, lo, hi, stage.bins, tables, idx)
+        values, _ = _warp_group(images, grid, points[:, idx])
+        gamma = em.posterior[idx] * weights[idx, None]
+        info = jax.vmap(class_information, in_axes=(0, None, 0, 0, None, None))(
+            values, gamma, lo, hi, stage.bins, level.form)
+        loss = -jnp.sum(info)
+        if stage.bending > 0:
+            loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
+        return loss, em
+
+    def step(carry: _Carry, inputs):
+        i, key = inputs
+        (loss, em), grads = jax.value_and_grad(loss_fn, has_aux=True)(carry.params, carry.em, key)
+        updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
+        params = optax.apply_updates(carry.params, updates)
+        if level.progress is not None:
+            total = level.total_steps
+            jax.debug.callback(lambda s, l: level.progress(int(s), total, float(l)), offset + i + 1, loss)
+        return _Carry(params, opt_state, em), loss
+
+    keys = jax.random.split(key, stage.iterations)
+    carry = _Carry(params, tx.init(params), em)
+    carry, losses = jax.lax.scan(step, carry, (jnp.arange(stage.iterations), keys))
+    return carry.params, carry.em, losses
+
+
+# ---- the entry point -----------------------------------------------------------------------------
+
+def _stack(tree, n):
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
+
+
+def register(images, grid: Grid | None = None, config: Config | None = None, *, key,
+             mask=None, labels=None, progress: Callable[[int, int, float], None] | None = None) -> Result:
+    """Groupwise registration of ``N`` images by X-CoReg (Algorithm 1).
+
+    Args:
+      images: ``(N, *spatial)``, ``N >= 2`` images on one common grid (see
+        :func:`xjax.io.to_common_space` for images on different grids). Intensities in any units:
+        each image is binned over its own range.
+      grid: the common grid (default ``Grid.regular(spatial)``, 1 mm voxels).
+      config: stages and model (default ``xjax.presets.rigid_ffd()``).
+      key: a ``jax.random`` key: posterior initialisation (Eq. 22) and voxel sampling.
+      mask: optional ``(*spatial)`` voxel weights in the common space (e.g. a foreground mask).
+      labels: optional ``(N, *spatial)`` label maps of the images in their own (unwarped) space,
+        values in ``[0, K)``: X-Reg-GT, with the appearance models fixed by Eq. (48).
+      progress: optional ``progress(done_steps, total_steps, loss)``, called from inside the loop.
+
+    Returns:
+      :class:`Result`. Numerical failure is reported in ``Result.status``, not raised.
+    """
+    from xjax import presets
+
+    images = jnp.asarray(images)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        images = images.astype(jnp.float32)
+    validate.check_images(images)
+    n, spatial = images.shape[0], images.shape[1:]
+    grid = Grid.regular(spatial) if grid is None else grid
+    if grid.shape != spatial:
+        raise ValueError(f"grid shape {grid.shape} does not match images of shape {images.shape}")
+    config = presets.rigid_ffd() if config is None else config
+    if config.mode == "reference" and not 0 <= config.reference < n:
+        raise ValueError(f"reference image {config.reference} out of range for a group of {n}")
+    if mask is None:
+        mask = jnp.ones(spatial, images.dtype)
+    else:
+        mask = jnp.asarray(mask, images.dtype)
+        validate.check_mask(mask, spatial)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        validate.check_labels(labels, images.shape)
+        if labels.shape != images.shape:
+            raise ValueError(f"labels need one map per image, shape {images.shape}, got {labels.shape}")
+        if not isinstance(labels, jax.core.Tracer) and int(labels.max()) >= config.num_classes:
+            raise ValueError(f"labels hold value {int(labels.max())} but num_classes is {config.num_classes}")
+
+    return _register(config, grid, progress, images, mask, labels, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -> Result:
+    """The whole registration as one XLA program; each (stage, level) loop is traced once."""
+    n = images.shape[0]
+    levels_needed = max(s.levels for s in config.stages)
+    image_pyramid = pyramid(jnp.moveaxis(images, 0, -1), grid, levels_needed)
+    mask_pyramid = pyramid(mask, grid, levels_needed)
+
+    key_init, key = jax.random.split(key)
+    frozen, frozen_params, history = (), (), []
+    em, em_grid = None, None
+    for stage in config.stages:
+        spec = stage.transform.bind(grid)
+        stage = dataclasses.replace(stage, transform=spec)
+        params = _stack(spec.identity(), n)
+        for level_index in reversed(range(stage.levels)):
+            level_images, level_grid = image_pyramid[level_index]
+            level_images = jnp.moveaxis(level_images, -1, 0)
+            flat = level_images.reshape(n, -1)
+            level_mask = mask_pyramid[level_index][0].reshape(-1)
+            ranges = (flat.min(axis=1), flat.max(axis=1))
+            tables = None
+            if labels is not None:
+                tables = _label_tables(labels, grid, level_grid, flat, level_mask, ranges,
+                                       config.num_classes, stage.bins)
+            if em is None:
+                em = init_em(key_init, level_grid.size, config.num_classes, images.dtype)
+            else:
+                em = EMState(_resample_posterior(em.posterior, em_grid, level_grid), em.pi)
+            em_grid = level_grid
+            level = _Level(stage, level_grid, frozen, config.num_classes, config.mode,
+                           config.reference, config.form, progress, config.total_steps)
+            key, sub = jax.random.split(key)
+            params, em, losses = _run_level(level, level_images, level_mask, tables, ranges,
+                                            frozen_params, params, em, sub, sum(h.size for h in history))
+            history.append(losses)
+        frozen = frozen + (spec,)
+        frozen_params = frozen_params + (_effective(level, params),)
+
+    return _finish(config, grid, images, mask.reshape(-1), labels, frozen, frozen_params, em, em_grid,
+                   jnp.concatenate(history))
+
+
+def _label_tables(labels, grid, level_grid, flat, level_mask, ranges, k, bins):
+    """X-Reg-GT appearance tables at one level: labels read by nearest neighbour on the level grid."""
+    idx = grid.world_to_index(grid_points(level_grid)).reshape(-1, grid.ndim)
+    level_labels = jax.vmap(lambda lab: sample(lab, idx, order=0))(labels)
+    return jax.vmap(appearance_from_labels, in_axes=(0, 0, None, 0, 0, None, None))(
+        flat, level_labels.astype(jnp.int32), k, ranges[0], ranges[1], bins, level_mask)
+
+
+def _finish(config, grid, images, mask, labels, specs, params, em, em_grid, history) -> Result:
+    """Full-resolution displacements, warped images and a last E-step at the final transforms."""
+    n, v = images.shape[0], grid.size
+    disp = _displacements(specs[-1], specs[:-1], params[:-1], params[-1], grid)
+    points = grid_points(grid, images.dtype).reshape(1, v, grid.ndim) + disp.reshape(n, v, grid.ndim)
+    warped, inside = _warp_group(images, grid, points)
+    weights = mask * jnp.prod(inside, axis=0)
+    flat = images.reshape(n, -1)
+    ranges = (flat.min(axis=1), flat.max(axis=1))
+    bins = config.stages[-1].bins
+    tables = None
+    if labels is not None:
+        tables = _label_tables(labels, grid, grid, flat, mask, ranges, config.num_classes, bins)
+    em = EMState(_resample_posterior(em.posterior, em_grid, grid), em.pi)
+    em = em_update(em, warped, weights, *ranges, bins, tables)
+    finite = jnp.all(jnp.isfinite(history)) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
+    return Result(
+        params=tuple(params),
+        displacements=disp,
+        warped=warped.reshape(images.shape),
+        posterior=em.posterior.reshape(grid.shape + (config.num_classes,)),
+        pi=em.pi,
+        loss_history=history,
+        status=jnp.where(finite, 0, 1).astype(jnp.int32),
+    )
