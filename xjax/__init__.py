@@ -1,11 +1,20 @@
-"""xjax: multimodal groupwise image registration by the X-metric, in JAX."""
+"""xjax: multimodal groupwise image registration by the X-metric (X-CoReg), in JAX.
 
+The coordinate convention is written once, in :mod:`xjax.grid`.
+"""
+
+__version__ = "0.1.0"
+
+from xjax import evaluate
+from xjax import phantoms
+from xjax import presets
+from xjax import transforms
+from xjax.em import EMState
 from xjax.grid import Grid
 from xjax.grid import bounding_grid
 from xjax.metrics import mutual_information
 from xjax.metrics import x_metric
-from xjax import presets
-from xjax.register import Config
-from xjax.register import Result
-from xjax.register import Stage
-from xjax.register import register
+from xjax.registration import Config
+from xjax.registration import Result
+from xjax.registration import Stage
+from xjax.registration import register

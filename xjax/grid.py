@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +29,13 @@ __all__ = ["Grid", "bounding_grid"]
 
 def _as_tuple_matrix(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in np.asarray(a, dtype=np.float64))
+
+
+def _apply_affine(matrix: np.ndarray, pts):
+    """``matrix @ [p, 1]`` for points ``(..., D)``, in full float32 precision (the default matmul
+    precision of GPUs rounds to TF32: tenths of a millimetre at a few hundred mm)."""
+    a = jnp.asarray(matrix, dtype=jnp.result_type(pts, jnp.float32))
+    return jnp.einsum("...j,ij->...i", pts, a[:-1, :-1], precision=jax.lax.Precision.HIGHEST) + a[:-1, -1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +117,11 @@ class Grid:
 
     def index_to_world(self, idx):
         """Voxel index ``(..., D)`` -> world mm ``(..., D)`` (jax arrays, traceable)."""
-        a = jnp.asarray(self.matrix, dtype=jnp.result_type(idx, jnp.float32))
-        return idx @ a[:-1, :-1].T + a[:-1, -1]
+        return _apply_affine(self.matrix, idx)
 
     def world_to_index(self, pts):
         """World mm ``(..., D)`` -> continuous voxel index ``(..., D)`` (traceable)."""
-        inv = np.linalg.inv(self.matrix)
-        a = jnp.asarray(inv, dtype=jnp.result_type(pts, jnp.float32))
-        return pts @ a[:-1, :-1].T + a[:-1, -1]
+        return _apply_affine(np.linalg.inv(self.matrix), pts)
 
     def index_points(self, dtype=jnp.float32):
         """Voxel indices of every voxel, ``(*shape, D)``."""

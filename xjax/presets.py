@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from xjax.register import Config, Stage
+from xjax.registration import Config, Stage
 from xjax.transforms import Affine, BSplineFFD, Rigid, StationaryVelocity, Translation
 
 __all__ = ["translation", "rigid", "affine", "ffd", "rigid_ffd", "affine_ffd", "svf", "get", "NAMES"]

@@ -1,0 +1,325 @@
+"""The command line end to end on tiny images: every output file with the common grid's affine, the
+warped images and labels against numpy references, errors with exit status 2 before any work, the
+demo, and the progress bar."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+from xjax import phantoms, presets
+from xjax.cli import main
+from xjax.grid import Grid
+from xjax.progress import ProgressBar, null
+
+SIZE = (32, 28)
+
+
+def oblique2(spacing, angle, origin):
+    a = np.eye(3)
+    c, s = np.cos(angle), np.sin(angle)
+    a[:2, :2] = np.array([[c, -s], [s, c]]) @ np.diag(spacing)
+    a[:2, 2] = origin
+    return Grid(SIZE, a)
+
+
+REF = oblique2((1.0, 1.25), 0.3, (-14.0, -20.0))
+# image 1 lies on the reference grid moved by (2, -1) voxels, with a finer y spacing
+OTHER = Grid(SIZE, REF.matrix @ np.array([[1, 0, 2], [0, 0.9, -1], [0, 0, 1]]))
+
+
+def save(path, array, grid, dtype=np.float32):
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype)[:, :, None], grid.to_nifti_affine()), str(path))
+    return str(path)
+
+
+def nifti(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def world_points(grid, disp):
+    """World mm of every voxel of ``grid`` plus ``disp``, float64 ``(*shape, 2)``."""
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij"), -1)
+    a = grid.matrix
+    return idx @ a[:2, :2].T + a[:2, 2] + disp
+
+
+def continuous_index(grid, world):
+    inv = np.linalg.inv(grid.matrix)
+    return world @ inv[:2, :2].T + inv[:2, 2]
+
+
+def bilinear(image, idx):
+    """numpy float64 reference: bilinear interpolation at continuous indices, 0 outside."""
+    n = np.asarray(image.shape)
+    inside = np.all((idx >= 0) & (idx <= n - 1), axis=-1)
+    p = np.clip(idx, 0, n - 1)
+    lo = np.minimum(np.floor(p).astype(int), n - 2)
+    f = p - lo
+    x0, y0, fx, fy = lo[..., 0], lo[..., 1], f[..., 0], f[..., 1]
+    v = ((1 - fx) * (1 - fy) * image[x0, y0] + fx * (1 - fy) * image[x0 + 1, y0]
+         + (1 - fx) * fy * image[x0, y0 + 1] + fx * fy * image[x0 + 1, y0 + 1])
+    return np.where(inside, v, 0.0)
+
+
+def safely_inside(idx, shape, margin=1e-3):
+    n = np.asarray(shape)
+    return np.all((idx >= margin) & (idx <= n - 1 - margin), axis=-1)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """Two 2D phantom modalities on different oblique grids, registered by the CLI."""
+    root = tmp_path_factory.mktemp("register")
+    ph = phantoms.make_phantom(jax.random.key(1), SIZE, num_modalities=2)
+    images = np.asarray(ph.images, np.float64)
+    paths = [save(root / "a.nii.gz", images[0], REF), save(root / "b.nii.gz", images[1], OTHER)]
+    labels = save(root / "labels_b.nii.gz", np.asarray(ph.labels), OTHER, dtype=np.int16)
+    mask = save(root / "mask.nii.gz", np.asarray(ph.labels) > 0, OTHER)
+    out = root / "out"
+    argv = ["register", *paths, "-o", str(out), "--preset", "ffd", "--levels", "1",
+            "--iterations", "3", "--spacing", "12", "--bins", "16", "--seed", "3", "--mask", mask,
+            "--quiet"]
+    assert main(argv) == 0
+    return {"root": root, "out": out, "paths": paths, "images": images, "labels": labels,
+            "label_values": np.asarray(ph.labels), "mask": mask}
+
+
+def test_register_writes_every_output_on_the_common_grid(registered):
+    out = registered["out"]
+    assert sorted(os.listdir(out)) == sorted([
+        "warped_0_a.nii.gz", "warped_1_b.nii.gz", "displacement_0_a.nii.gz",
+        "displacement_1_b.nii.gz", "posterior.nii.gz", "segmentation.nii.gz", "report.json",
+        "transforms.json"])
+    assert not [p for p in os.listdir(registered["root"]) if p.startswith(".")]  # no temp dirs
+    for name in os.listdir(out):
+        if name.endswith(".nii.gz"):
+            np.testing.assert_allclose(nifti(out / name)[1], REF.to_nifti_affine(), atol=1e-5)
+    disp_img = nib.load(str(out / "displacement_1_b.nii.gz"))
+    assert disp_img.shape == SIZE + (1, 1, 2)
+    assert disp_img.header.get_intent()[0] == "vector"
+    posterior, _ = nifti(out / "posterior.nii.gz")
+    assert posterior.shape == SIZE + (1, 4)
+    np.testing.assert_allclose(posterior.sum(-1), 1.0, atol=1e-3)
+    segmentation, _ = nifti(out / "segmentation.nii.gz")
+    assert segmentation.dtype == np.uint8
+    np.testing.assert_array_equal(segmentation, np.argmax(posterior, axis=-1))
+
+
+def test_warped_outputs_are_the_originals_sampled_once(registered):
+    out, images = registered["out"], registered["images"]
+    for j, (grid, stem) in enumerate([(REF, "a"), (OTHER, "b")]):
+        disp = nifti(out / f"displacement_{j}_{stem}.nii.gz")[0][:, :, 0, 0, :].astype(np.float64)
+        warped = nifti(out / f"warped_{j}_{stem}.nii.gz")[0][:, :, 0]
+        idx = continuous_index(grid, world_points(REF, disp))
+        expected = bilinear(images[j], idx)
+        ok = safely_inside(idx, SIZE) | ~safely_inside(idx, SIZE, -1e-3)
+        np.testing.assert_allclose(warped[ok], expected[ok], atol=1e-4)
+        assert ok.mean() > 0.9
+
+
+def test_report_and_transforms_describe_the_run(registered):
+    out, paths = registered["out"], registered["paths"]
+    report = json.loads((out / "report.json").read_text())
+    config = presets.get("ffd", levels=1, iterations=3, spacing=12.0, bins=16)
+    assert report["settings"] == json.loads(json.dumps(config.to_dict(), default=str))
+    assert len(report["loss_history"]) == config.total_steps == 3
+    assert np.all(np.isfinite(report["loss_history"]))
+    assert report["status"] == 0
+    assert [i["path"] for i in report["inputs"]] == paths
+    assert report["mask"] == registered["mask"]
+    np.testing.assert_allclose(report["inputs"][1]["grid"]["affine"], OTHER.matrix)
+    np.testing.assert_allclose(report["common_grid"]["affine"], REF.matrix)
+    assert set(report["timings_s"]) == {"load", "compile_and_run", "write"}
+    assert report["versions"]["jax"] == jax.__version__
+    assert report["device"]
+    transforms = json.loads((out / "transforms.json").read_text())
+    assert [(t["index"], t["input"], t["displacement"]) for t in transforms["transforms"]] == [
+        (0, paths[0], "displacement_0_a.nii.gz"), (1, paths[1], "displacement_1_b.nii.gz")]
+
+
+def test_apply_labels_keeps_integers_and_the_common_grid(registered, tmp_path):
+    out = registered["out"]
+    dst = tmp_path / "labels_in_common.nii.gz"
+    assert main(["apply", str(out), "--index", "1", registered["labels"], "-o", str(dst),
+                 "--labels"]) == 0
+    warped, affine = nifti(dst)
+    assert np.issubdtype(warped.dtype, np.integer)
+    np.testing.assert_allclose(affine, REF.to_nifti_affine(), atol=1e-5)
+    disp = nifti(out / "displacement_1_b.nii.gz")[0][:, :, 0, 0, :].astype(np.float64)
+    idx = continuous_index(OTHER, world_points(REF, disp))
+    labels = registered["label_values"]
+    nearest = labels[tuple(np.clip(np.round(idx), 0, np.asarray(SIZE) - 1).astype(int).T)].T
+    expected = np.where(safely_inside(idx, SIZE, 0), nearest, 0)
+    unambiguous = np.all(np.abs(idx - np.floor(idx) - 0.5) > 1e-3, axis=-1) & (
+        safely_inside(idx, SIZE) | ~safely_inside(idx, SIZE, -1e-3))
+    np.testing.assert_array_equal(warped[:, :, 0][unambiguous], expected[unambiguous])
+    assert set(np.unique(warped)) <= set(np.unique(labels)) | {0}
+
+
+def test_apply_reproduces_the_warped_outputs(registered, tmp_path):
+    out, paths = registered["out"], registered["paths"]
+    both = [str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]
+    assert main(["apply", str(out), "--index", "0,1", *paths, "-o", *both]) == 0
+    single = str(tmp_path / "b_from_file.nii.gz")
+    assert main(["apply", str(out / "displacement_1_b.nii.gz"), paths[1], "-o", single]) == 0
+    for produced, name in [(both[0], "warped_0_a.nii.gz"), (both[1], "warped_1_b.nii.gz"),
+                           (single, "warped_1_b.nii.gz")]:
+        np.testing.assert_array_equal(nifti(produced)[0], nifti(out / name)[0])
+
+
+def test_apply_errors(registered, tmp_path, capsys):
+    out, paths = registered["out"], registered["paths"]
+    dst = str(tmp_path / "x.nii.gz")
+    assert main(["apply", str(out), "--index", "2", paths[0], "-o", dst]) == 2
+    assert "--index must be in [0, 2), got 2" in capsys.readouterr().err
+    assert main(["apply", str(out), paths[0], "-o", dst]) == 2
+    assert "is an output directory: give --index J" in capsys.readouterr().err
+    assert main(["apply", str(out), "--index", "0,1", paths[0], "-o", dst]) == 2
+    assert "one --index for all images or one per image" in capsys.readouterr().err
+    volume = str(tmp_path / "volume.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), volume)
+    assert main(["apply", str(out), "--index", "0", volume, "-o", dst]) == 2
+    assert f"{volume}: a 3D image cannot be warped by the 2D displacement" in capsys.readouterr().err
+    open(dst, "w").write("keep me")
+    assert main(["apply", str(out), "--index", "0", paths[0], "-o", dst]) == 2
+    assert f"{dst} already exists" in capsys.readouterr().err
+    assert open(dst).read() == "keep me"
+
+
+def test_missing_input_fails_before_creating_the_output(registered, tmp_path, capsys):
+    missing = str(tmp_path / "missing.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", registered["paths"][0], missing, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xjax: error: ") and f"{missing}: no such file" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(registered, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    argv = ["register", *registered["paths"], "-o", str(out), "--preset", "translation",
+            "--iterations", "-5"]  # would be rejected too, but the output check comes first
+    assert main(argv) == 2
+    assert f"xjax: error: {out} already exists; pass --force" in capsys.readouterr().err
+    assert os.listdir(out) == ["old.txt"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--preset", "rigid", "--spacing", "20"], "--spacing does not apply to the preset 'rigid'"),
+    (["--classes", "1"], "number of classes K must be an integer >= 2, got 1"),
+    (["--bins", "2"], "number of intensity bins L must be an integer >= 4, got 2"),
+    (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+])
+def test_bad_options_are_rejected(registered, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["register", *registered["paths"], "-o", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_inputs_are_named(registered, tmp_path, capsys):
+    constant = save(tmp_path / "flat.nii.gz", np.full(SIZE, 3.0), REF)
+    four_d = str(tmp_path / "four_d.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
+    for bad, message in [(constant, f"({constant}) is constant"), (four_d, f"{four_d}: 4D data")]:
+        assert main(["register", registered["paths"][0], bad, "-o", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["register", registered["paths"][0], "-o", str(tmp_path / "o")]) == 2
+    assert "at least 2 images, got 1" in capsys.readouterr().err
+    empty = save(tmp_path / "empty.nii.gz", np.zeros(SIZE), OTHER)
+    assert main(["register", *registered["paths"], "--mask", empty, "-o", str(tmp_path / "o")]) == 2
+    assert f"{empty}: mask is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_exit_with_2(capsys):
+    assert main(["register", "a.nii", "b.nii", "-o", "out", "--preset", "bspline"]) == 2
+    assert "invalid choice: 'bspline'" in capsys.readouterr().err
+    assert main([]) == 2
+    assert main(["register", "--help"]) == 0
+    assert "--reference" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_same_main():
+    run = subprocess.run([sys.executable, "-m", "xjax", "apply", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0
+    assert "--labels" in run.stdout and "OUTDIR_OR_DISPLACEMENT" in run.stdout
+
+
+def class_dice(labels, num_classes):
+    """numpy reference: Dice of each class 1..K-1 over all pairs, averaged (skipping absent)."""
+    scores = []
+    for k in range(1, num_classes):
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                x, y = labels[a] == k, labels[b] == k
+                if x.sum() + y.sum():
+                    scores.append(2 * np.sum(x & y) / (x.sum() + y.sum()))
+    return np.mean(scores)
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--size", "48", "--iterations", "3", "--modalities", "2",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice" in printed and "gWI" in printed
+    assert sorted(os.listdir(out)) == ["before_after.png", "demo.json", "inputs", "registration",
+                                       "warped_labels_0.nii.gz", "warped_labels_1.nii.gz"]
+    metrics = json.loads((out / "demo.json").read_text())
+    before = np.stack([nifti(out / "inputs" / f"labels_{j}.nii.gz")[0][:, :, 0] for j in range(2)])
+    after = np.stack([nifti(out / f"warped_labels_{j}.nii.gz")[0][:, :, 0] for j in range(2)])
+    assert metrics["mean_class_dice"]["before"] == pytest.approx(class_dice(before, 4), abs=1e-6)
+    assert metrics["mean_class_dice"]["after"] == pytest.approx(class_dice(after, 4), abs=1e-6)
+    assert metrics["gwi_mm"]["before"] > 0 and np.isfinite(metrics["gwi_mm"]["after"])
+    png = matplotlib.image.imread(str(out / "before_after.png"))
+    assert png.ndim == 3 and min(png.shape[:2]) > 100
+    assert main(["demo", "-o", str(out), "--size", "48", "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_file_prints_at_most_about_twenty_lines():
+    stream = io.StringIO()
+    bar = ProgressBar("reg", stream=stream)
+    for i in range(1, 301):
+        bar(i, 300, -0.5 * i)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert 15 <= len(lines) <= 21
+    assert "\r" not in stream.getvalue()
+    assert lines[-1].startswith("reg [" + "#" * 24 + "] 100%  300/300  loss -150")
+    assert null(1, 2, 0.0) is None
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line():
+    stream = Terminal()
+    with ProgressBar(stream=stream, min_interval=0.0) as bar:
+        bar(1, 4, 1.0)
+        bar(2, 4, 0.5)
+        bar(4, 4, 0.25)
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert " 50%  2/4  loss 0.5 " in text
+    throttled = Terminal()
+    with ProgressBar(stream=throttled, min_interval=3600.0) as bar:
+        for i in range(1, 101):
+            bar(i, 100, 0.0)
+    assert throttled.getvalue().count("\r") == 2  # the first report and the last
