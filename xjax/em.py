@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xjax import random as xrandom
 from xjax.density import EPS, PADDING, bin_positions, evaluate_histogram, joint_histogram
 
 __all__ = [
@@ -40,8 +41,11 @@ class EMState(NamedTuple):
 
 
 def init_em(key, num_voxels: int, num_classes: int, dtype=jnp.float32) -> EMState:
-    """Eq. (22): ``pi = 1/K`` and ``gamma_x = softmax(g_x)`` with ``g_x ~ N(0, I_K)``."""
-    g = jax.random.normal(key, (num_voxels, num_classes), dtype)
+    """Eq. (22): ``pi = 1/K`` and ``gamma_x = softmax(g_x)`` with ``g_x ~ N(0, I_K)``.
+
+    ``key`` is a ``jax.random`` key; the noise comes from :mod:`xjax.random`.
+    """
+    g = xrandom.normal(xrandom.seed(key), (num_voxels, num_classes), dtype)
     return EMState(jax.nn.softmax(g, axis=-1), jnp.full((num_classes,), 1.0 / num_classes, dtype))
 
 

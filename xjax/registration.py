@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from xjax import random as xrandom
 from xjax import validate
 from xjax.em import EMState, appearance_from_labels, em_update, init_em
 from xjax.grid import Grid
@@ -50,12 +51,14 @@ class Stage:
       transform: the transform spec (unbound; :func:`register` binds it to the common grid).
       iterations: optimisation steps per pyramid level.
       levels: pyramid levels, run coarse to fine; level ``l`` halves the grid ``l`` times.
-      learning_rate: Adam's step size (ignored when ``optimizer`` is given). Updates are then
-        scaled per parameter by ``transform.lr_scale()`` (e.g. 0.01 for angles in radians).
+      learning_rate: Adam's initial step size (ignored when ``optimizer`` is given); it decays
+        along a cosine to 5% over each level. Updates are then scaled per parameter by
+        ``transform.lr_scale()`` (e.g. 0.01 for angles in radians).
       bins: ``L``, Parzen intensity bins.
       sample_rate: fraction of the level's voxels drawn at random each step for the metric.
       bending: ``lambda``, weight of the bending energy (summed over the group; Eq. 15).
-      optimizer: any ``optax.GradientTransformation`` (default ``optax.adam(learning_rate)``).
+      optimizer: any ``optax.GradientTransformation`` (default: Adam with the cosine decay above);
+        it is initialised afresh at every pyramid level.
     """
 
     transform: Transform
@@ -210,7 +213,12 @@ TRACES = {"level": 0}  # incremented when a (stage, level) loop is traced; tests
 
 
 def _optimizer(stage: Stage) -> optax.GradientTransformation:
-    base = stage.optimizer if stage.optimizer is not None else optax.adam(stage.learning_rate)
+    """The stage's optax transform (default: Adam whose step size decays along a cosine to 5% over
+    each level, so the parameters settle instead of jittering by about one step size), followed
+    by the transform's per-parameter scales."""
+    base = stage.optimizer
+    if base is None:
+        base = optax.adam(optax.cosine_decay_schedule(stage.learning_rate, stage.iterations, alpha=0.05))
     scales = stage.transform.lr_scale()
 
     def scale(updates, state, params=None):
@@ -243,7 +251,7 @@ def _warp_group(images, grid: Grid, points):
     return jax.vmap(lambda im, p: sample_inside(im, grid.world_to_index(p)))(images, points)
 
 
-def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, params, em, key, offset):
+def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, params, em, seed, offset):
     TRACES["level"] += 1
     stage, grid = level.stage, level.grid
     n, d, v = images.shape[0], grid.ndim, grid.size
@@ -253,13 +261,13 @@ def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, param
     spec = stage.transform
     tx = _optimizer(stage)
 
-    def loss_fn(params, em, key):
+    def loss_fn(params, em, step_seed):
         eff = _effective(level, params)
         u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
         points = x[None] + u
         warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
         weights = mask * jnp.prod(inside, axis=0)
-        idx = jax.random.randint(key, (samples,), 0, v)
+        idx = xrandom.randint(step_seed, (samples,), v)
         em = em_update(em, warped, weights, lo, hi, stage.bins, tables, idx)
         values, _ = _warp_group(images, grid, points[:, idx])
         gamma = em.posterior[idx] * weights[idx, None]
@@ -270,9 +278,9 @@ def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, param
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
         return loss, em
 
-    def step(carry: _Carry, inputs):
-        i, key = inputs
-        (loss, em), grads = jax.value_and_grad(loss_fn, has_aux=True)(carry.params, carry.em, key)
+    def step(carry: _Carry, i):
+        (loss, em), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            carry.params, carry.em, xrandom.fold(seed, i))
         updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)
         if level.progress is not None:
@@ -280,9 +288,8 @@ def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, param
             jax.debug.callback(lambda s, l: level.progress(int(s), total, float(l)), offset + i + 1, loss)
         return _Carry(params, opt_state, em), loss
 
-    keys = jax.random.split(key, stage.iterations)
     carry = _Carry(params, tx.init(params), em)
-    carry, losses = jax.lax.scan(step, carry, (jnp.arange(stage.iterations), keys))
+    carry, losses = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
     return carry.params, carry.em, losses
 
 
@@ -348,7 +355,7 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
     image_pyramid = pyramid(jnp.moveaxis(images, 0, -1), grid, levels_needed)
     mask_pyramid = pyramid(mask, grid, levels_needed)
 
-    key_init, key = jax.random.split(key)
+    seed = xrandom.seed(key)
     frozen, frozen_params, history = (), (), []
     em, em_grid = None, None
     for stage in config.stages:
@@ -366,15 +373,15 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
                 tables = _label_tables(labels, grid, level_grid, flat, level_mask, ranges,
                                        config.num_classes, stage.bins)
             if em is None:
-                em = init_em(key_init, level_grid.size, config.num_classes, images.dtype)
+                em = init_em(key, level_grid.size, config.num_classes, images.dtype)
             else:
                 em = EMState(_resample_posterior(em.posterior, em_grid, level_grid), em.pi)
             em_grid = level_grid
             level = _Level(stage, level_grid, frozen, config.num_classes, config.mode,
                            config.reference, config.form, progress, config.total_steps)
-            key, sub = jax.random.split(key)
-            params, em, losses = _run_level(level, level_images, level_mask, tables, ranges,
-                                            frozen_params, params, em, sub, sum(h.size for h in history))
+            params, em, losses = _run_level(level, level_images, level_mask, tables, ranges, frozen_params,
+                                            params, em, xrandom.fold(seed, 1000 + len(history)),
+                                            sum(h.size for h in history))
             history.append(losses)
         frozen = frozen + (spec,)
         frozen_params = frozen_params + (_effective(level, params),)

@@ -1,0 +1,201 @@
+"""End-to-end X-CoReg: invariants, recovery of known misalignments, vmap, compiles, bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import xjax
+from xjax import evaluate, phantoms, registration as register_module
+from xjax.transforms import BSplineFFD, Translation
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return phantoms.make_phantom(jax.random.key(0), (SIZE, SIZE), num_modalities=3)
+
+
+def translation_config(**kw):
+    stage = xjax.Stage(Translation(), **{"iterations": 60, "levels": 2, "learning_rate": 1.0, "bins": 32, **kw})
+    return xjax.Config((stage,))
+
+
+def shifted(phantom, shifts):
+    """The phantom with image j pulled by the constant shift ``shifts[j]`` (mm)."""
+    fields = jnp.broadcast_to(jnp.asarray(shifts, jnp.float32)[:, None, None, :], (3, SIZE, SIZE, 2))
+    return phantoms.warp(phantom.images, phantom.grid, fields), fields
+
+
+def test_identity_transform_leaves_images_unchanged(phantom):
+    config = translation_config(iterations=3, levels=1, learning_rate=0.0)
+    res = xjax.register(phantom.images, phantom.grid, config, key=jax.random.key(1))
+    np.testing.assert_array_equal(res.displacements, 0.0)
+    np.testing.assert_allclose(res.warped, phantom.images, atol=1e-6)
+    assert int(res.status) == 0
+    np.testing.assert_allclose(res.posterior.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(res.pi.sum(), 1.0, rtol=1e-5)
+
+
+def test_translations_are_recovered(phantom):
+    shifts = np.array([[2.5, -1.5], [-2.0, 2.0], [0.5, -1.0]])
+    images, truth = shifted(phantom, shifts)
+    res = xjax.register(images, phantom.grid, translation_config(), key=jax.random.key(2))
+    # Unbiased: phi_j(x) = x + t_j with sum_j t_j = 0; truth pulls by s_j, so t_j = -(s_j - mean s).
+    want = -(shifts - shifts.mean(0))
+    np.testing.assert_allclose(res.params[0]["translation"], want, atol=0.3)
+    np.testing.assert_allclose(np.asarray(res.params[0]["translation"]).sum(0), 0.0, atol=1e-5)
+    assert evaluate.gwi(truth, res.displacements, phantom.grid, phantom.labels > 0) < 0.3
+
+
+def test_reference_mode_keeps_the_reference_fixed(phantom):
+    shifts = np.array([[0.0, 0.0], [-2.0, 2.0], [1.5, -1.0]])
+    images, _ = shifted(phantom, shifts)
+    config = dataclasses.replace(translation_config(), mode="reference", reference=0)
+    res = xjax.register(images, phantom.grid, config, key=jax.random.key(3))
+    np.testing.assert_array_equal(res.displacements[0], 0.0)
+    np.testing.assert_allclose(res.params[0]["translation"][1:], -shifts[1:], atol=0.3)
+
+
+@pytest.fixture(scope="module")
+def ffd_case(phantom):
+    mis = phantoms.misaligned_group(jax.random.key(4), phantom, kind="ffd", spacing=24.0, magnitude=6.0)
+    config = xjax.presets.ffd(spacing=(24.0,), iterations=80, levels=2, learning_rate=0.5, bins=32,
+                              sample_rate=0.25)
+    return mis, config
+
+
+def test_ffd_misalignment_is_recovered(phantom, ffd_case):
+    mis, config = ffd_case
+    res = xjax.register(mis.images, phantom.grid, config, key=jax.random.key(5))
+    fg = phantom.labels > 0
+    before = evaluate.gwi(mis.displacements, jnp.zeros_like(mis.displacements), phantom.grid, fg)
+    after = evaluate.gwi(mis.displacements, res.displacements, phantom.grid, fg)
+    assert after < 0.4 * before, (before, after)
+    warped_labels = phantoms.warp(mis.labels, phantom.grid, res.displacements, order=0)
+    assert evaluate.pairwise_dice(warped_labels) > evaluate.pairwise_dice(mis.labels) + 0.02
+    # Eq. (37): the group mean of the B-spline displacements is zero.
+    np.testing.assert_allclose(res.displacements.mean(0), 0.0, atol=1e-4)
+    # The loss falls: the metric rises.
+    history = np.asarray(res.loss_history)
+    assert history[-10:].mean() < history[:10].mean()
+
+
+def test_ground_truth_appearance_variant(phantom, ffd_case):
+    """X-Reg-GT (Eq. 48): appearance models from each image's own labels."""
+    mis, config = ffd_case
+    res = xjax.register(mis.images, phantom.grid, config, key=jax.random.key(6), labels=mis.labels)
+    fg = phantom.labels > 0
+    before = evaluate.gwi(mis.displacements, jnp.zeros_like(mis.displacements), phantom.grid, fg)
+    assert evaluate.gwi(mis.displacements, res.displacements, phantom.grid, fg) < 0.5 * before
+    # The posterior of the common anatomy matches the phantom's tissue map (up to the misalignment
+    # left over): classes are identified, so no permutation is needed.
+    agreement = np.mean(np.argmax(res.posterior, -1) == np.asarray(phantom.labels))
+    assert agreement > 0.8
+
+
+def test_vmap_over_groups_equals_separate_runs(phantom):
+    """Equal up to round-off. (Over long runs, round-off differences between batched and
+    unbatched kernels grow, as in any iterative optimisation, so a short run is compared.)"""
+    shifts = np.array([[[1.5, -1.0], [-1.0, 1.0], [0.0, 0.5]], [[-1.0, 0.0], [1.0, 1.5], [0.5, -2.0]]])
+    groups = jnp.stack([shifted(phantom, s)[0] for s in shifts])
+    keys = jax.random.split(jax.random.key(7), 2)
+    config = translation_config(iterations=5)
+    batched = jax.vmap(lambda g, k: xjax.register(g, phantom.grid, config, key=k))(groups, keys)
+    for b in range(2):
+        single = xjax.register(groups[b], phantom.grid, config, key=keys[b])
+        np.testing.assert_allclose(batched.displacements[b], single.displacements, atol=1e-3)
+        np.testing.assert_allclose(batched.loss_history[b], single.loss_history, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched.posterior[b], single.posterior, atol=1e-3)
+        np.testing.assert_array_equal(batched.status[b], single.status)
+
+
+def test_one_trace_per_stage_and_level(phantom):
+    config = xjax.Config((
+        xjax.Stage(Translation(), iterations=4, levels=2, bins=16),
+        xjax.Stage(BSplineFFD(spacing=30.0), iterations=3, levels=1, bins=16, bending=1e-3),
+    ))
+    before = register_module.TRACES["level"]
+    res = xjax.register(phantom.images, phantom.grid, config, key=jax.random.key(8))
+    assert register_module.TRACES["level"] - before == 3
+    assert res.loss_history.shape == (4 * 2 + 3,)
+    # A second run with other data and another key compiles nothing new.
+    xjax.register(phantom.images[::-1], phantom.grid, config, key=jax.random.key(9))
+    assert register_module.TRACES["level"] - before == 3
+
+
+def test_progress_callback_reports_every_step(phantom):
+    seen = []
+    config = translation_config(iterations=5, levels=2)
+    res = xjax.register(phantom.images, phantom.grid, config, key=jax.random.key(10),
+                        progress=lambda done, total, loss: seen.append((done, total, loss)))
+    jax.block_until_ready(res)
+    jax.effects_barrier()
+    assert sorted(s[0] for s in seen) == list(range(1, 11))
+    assert all(s[1] == 10 for s in seen)
+    np.testing.assert_allclose(sorted(seen)[-1][2], res.loss_history[-1], rtol=1e-5)
+
+
+def test_any_optax_transform_and_status_reports_failure(phantom):
+    ok = translation_config(iterations=5, levels=1, optimizer=optax.sgd(0.5))
+    res = xjax.register(phantom.images, phantom.grid, ok, key=jax.random.key(11))
+    assert int(res.status) == 0
+    bad = translation_config(iterations=5, levels=1, optimizer=optax.sgd(float("nan")))
+    res = xjax.register(phantom.images, phantom.grid, bad, key=jax.random.key(11))
+    assert int(res.status) == 1
+
+
+def test_pyramid_averages_blocks():
+    image = jnp.arange(35.0).reshape(5, 7)
+    grid = xjax.Grid.regular((5, 7))
+    (full, g0), (half, g1) = register_module.pyramid(image, grid, 2)
+    padded = np.pad(np.asarray(image), ((0, 1), (0, 1)), mode="edge")
+    want = padded.reshape(3, 2, 4, 2).mean((1, 3))
+    np.testing.assert_allclose(half, want)
+    assert g1 == grid.downsample(2)
+    # Each coarse voxel centre is the centre of the 2x2 block it averages.
+    np.testing.assert_allclose(g1.index_to_world_np(np.array([1.0, 2.0])),
+                               grid.index_to_world_np(np.array([2.5, 4.5])))
+
+
+@pytest.mark.parametrize("case", ["one image", "nan", "constant", "4d", "empty mask", "labels", "classes",
+                                  "bins", "grid", "reference"])
+def test_bad_input_is_named(phantom, case):
+    images = np.asarray(phantom.images)
+    kwargs = {}
+    config = translation_config(iterations=1, levels=1)
+    grid = phantom.grid
+    if case == "one image":
+        images, match = images[:1], "at least 2"
+    elif case == "nan":
+        images = images.copy()
+        images[1, 3, 4] = np.nan
+        match = "image 1"
+    elif case == "constant":
+        images = images.copy()
+        images[2] = 1.0
+        match = "image 2"
+    elif case == "4d":
+        images, match = np.zeros((2, 4, 4, 4, 4)), "4D"
+    elif case == "empty mask":
+        kwargs["mask"], match = np.zeros((SIZE, SIZE)), "mask"
+    elif case == "labels":
+        kwargs["labels"], match = np.zeros((3, SIZE, SIZE - 1), np.int32), "labels"
+    elif case == "classes":
+        with pytest.raises(ValueError, match="class"):
+            dataclasses.replace(config, num_classes=1)
+        return
+    elif case == "bins":
+        with pytest.raises(ValueError, match="bins"):
+            xjax.Stage(Translation(), bins=3)
+        return
+    elif case == "grid":
+        grid, match = xjax.Grid.regular((SIZE, SIZE + 1)), "grid"
+    else:
+        config, match = dataclasses.replace(config, mode="reference", reference=5), "reference"
+    with pytest.raises(ValueError, match=match):
+        xjax.register(images, grid, config, key=jax.random.key(0), **kwargs)
