@@ -104,7 +104,7 @@ def test_vmap_over_groups_equals_separate_runs(phantom):
     shifts = np.array([[[1.5, -1.0], [-1.0, 1.0], [0.0, 0.5]], [[-1.0, 0.0], [1.0, 1.5], [0.5, -2.0]]])
     groups = jnp.stack([shifted(phantom, s)[0] for s in shifts])
     keys = jax.random.split(jax.random.key(7), 2)
-    config = translation_config(iterations=5)
+    config = translation_config(iterations=3)
     batched = jax.vmap(lambda g, k: xjax.register(g, phantom.grid, config, key=k))(groups, keys)
     for b in range(2):
         single = xjax.register(groups[b], phantom.grid, config, key=keys[b])
