@@ -36,6 +36,9 @@ def test_joint_histogram_matches_dense_reference(x64):
     got = density.joint_histogram(jnp.asarray(u), jnp.asarray(w), u.min(), u.max(), bins)
     want = dense_kernel_np(u, u.min(), u.max(), bins).T @ w
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Samples beyond the padded range on either side touch no bin (none wraps around).
+    narrow = density.joint_histogram(jnp.asarray(u), jnp.asarray(w), -0.5, 0.5, bins)
+    np.testing.assert_allclose(narrow, dense_kernel_np(u, -0.5, 0.5, bins).T @ w, rtol=1e-12, atol=1e-12)
     # Partition of unity: every sample deposits exactly its weight.
     np.testing.assert_allclose(got.sum(0), w.sum(0), rtol=1e-12)
 
@@ -46,8 +49,8 @@ def test_pair_histogram_matches_dense_reference(x64):
     w = rng.uniform(size=300)
     bins = 8
     got = density.pair_histogram(jnp.asarray(a), jnp.asarray(b), jnp.asarray(w),
-                                 (a.min(), a.max()), (b.min(), b.max()), bins)
-    ka = dense_kernel_np(a, a.min(), a.max(), bins)
+                                 (-1.0, 1.0), (b.min(), b.max()), bins)
+    ka = dense_kernel_np(a, -1.0, 1.0, bins)  # a narrow range: samples fall off both ends
     kb = dense_kernel_np(b, b.min(), b.max(), bins)
     np.testing.assert_allclose(got, (ka * w[:, None]).T @ kb, rtol=1e-12, atol=1e-12)
 
@@ -114,3 +117,20 @@ def test_no_samples_by_bins_table(bins):
     largest = _largest_intermediate(jax.value_and_grad(loss), u)
     assert largest < n * (bins + 4)
     assert largest <= n * 4 * k
+
+
+def test_group_histograms_equal_per_image_and_never_spill(x64):
+    rng = np.random.default_rng(5)
+    u = rng.normal(size=(3, 200))
+    u[1, :20] = 50.0  # far outside image 1's range below: its taps must be dropped
+    w = rng.dirichlet(np.ones(4), size=200)
+    lo, hi = np.array([-2.0, -2.0, -1.0]), np.array([2.0, 2.0, 1.5])
+    got = density.group_joint_histograms(jnp.asarray(u), jnp.asarray(w), lo, hi, 10)
+    for j in range(3):
+        want = dense_kernel_np(u[j], lo[j], hi[j], 10).T @ w
+        np.testing.assert_allclose(got[j], want, rtol=1e-12, atol=1e-12)
+    per_image_weights = rng.dirichlet(np.ones(4), size=(3, 200))
+    got = density.group_joint_histograms(jnp.asarray(u), jnp.asarray(per_image_weights), lo, hi, 10)
+    for j in (0, 2):
+        want = density.joint_histogram(jnp.asarray(u[j]), jnp.asarray(per_image_weights[j]), lo[j], hi[j], 10)
+        np.testing.assert_allclose(got[j], want, rtol=1e-12, atol=1e-12)

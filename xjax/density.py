@@ -22,6 +22,7 @@ __all__ = [
     "bin_positions",
     "parzen_taps",
     "joint_histogram",
+    "group_joint_histograms",
     "pair_histogram",
     "evaluate_histogram",
     "entropy",
@@ -87,11 +88,43 @@ def joint_histogram(u, weights, lo, hi, bins: int):
     Returns:
       ``(L + 4, K)`` histogram. Samples outside the padded range are dropped.
     """
+    size = bins + 2 * PADDING
     first, w = parzen_taps(bin_positions(u, lo, hi, bins))
-    hist = jnp.zeros((bins + 2 * PADDING, weights.shape[-1]), jnp.result_type(u, weights))
+    hist = jnp.zeros((size, weights.shape[-1]), jnp.result_type(u, weights))
     for t in range(4):
-        hist = hist.at[first + t].add(w[:, t, None] * weights, mode="drop")
+        hist = hist.at[_in_range(first + t, size)].add(w[:, t, None] * weights, mode="drop")
     return hist
+
+
+def _in_range(index, size: int):
+    """``index`` where it lies in ``[0, size)``, else ``size``: dropped by a ``mode="drop"``
+    scatter (a negative index would wrap around to the top bins instead)."""
+    return jnp.where((index >= 0) & (index < size), index, size)
+
+
+def group_joint_histograms(u, weights, lo, hi, bins: int):
+    """Class x intensity Parzen histograms of a whole group at once, ``(N, L + 4, K)``.
+
+    The same as ``vmap(joint_histogram)`` but as ONE scatter-add into an ``(N (L + 4), K)`` table
+    (rows offset by image): on CPU it runs and compiles faster than the batched scatters of a
+    ``vmap``. Taps outside an image's ``L + 4`` bins are dropped, never spilled into the next image.
+
+    Args:
+      u: ``(N, n)`` intensities.
+      weights: ``(n, K)`` class weights shared by the images (the posterior), or ``(N, n, K)``.
+      lo, hi: ``(N,)`` intensity ranges; bins: ``L``.
+    """
+    n_images, size = u.shape[0], bins + 2 * PADDING
+    pos = jax.vmap(bin_positions, in_axes=(0, 0, 0, None))(u, lo, hi, bins)
+    first, taps = parzen_taps(pos)  # (N, n), (N, n, 4)
+    index = _in_range(first[..., None] + jnp.arange(4, dtype=first.dtype), size)
+    index = jnp.where(index < size, index + (jnp.arange(n_images, dtype=first.dtype) * size)[:, None, None],
+                      n_images * size)
+    updates = taps[..., None] * (weights[None, :, None, :] if weights.ndim == 2 else weights[:, :, None, :])
+    k = weights.shape[-1]
+    hist = jnp.zeros((n_images * size, k), jnp.result_type(u, weights))
+    hist = hist.at[index.reshape(-1)].add(updates.reshape(-1, k), mode="drop")
+    return hist.reshape(n_images, size, k)
 
 
 def pair_histogram(a, b, weights, range_a, range_b, bins: int):
@@ -110,7 +143,8 @@ def pair_histogram(a, b, weights, range_a, range_b, bins: int):
     hist = jnp.zeros((size, size), jnp.result_type(a, b, weights))
     for s in range(4):
         for t in range(4):
-            hist = hist.at[fa + s, fb + t].add(wa[:, s] * wb[:, t] * weights, mode="drop")
+            hist = hist.at[_in_range(fa + s, size), _in_range(fb + t, size)].add(
+                wa[:, s] * wb[:, t] * weights, mode="drop")
     return hist
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from xjax import random as xrandom
-from xjax.density import EPS, PADDING, bin_positions, evaluate_histogram, joint_histogram
+from xjax.density import EPS, PADDING, bin_positions, evaluate_histogram, group_joint_histograms, joint_histogram
 
 __all__ = [
     "EMState",
@@ -60,9 +60,13 @@ def appearance(u, weights, lo, hi, bins: int):
       ``(L + 4, K)``: for each class a density over bin positions (each column sums to one;
       a class without weight gets the uniform density).
     """
-    hist = joint_histogram(u, weights, lo, hi, bins)
-    total = hist.sum(axis=0, keepdims=True)
-    uniform = jnp.full_like(hist, 1.0 / hist.shape[0])
+    return _normalised(joint_histogram(u, weights, lo, hi, bins))
+
+
+def _normalised(hist):
+    """Each class column ``(..., L + 4, K)`` normalised over the bins (uniform if empty)."""
+    total = hist.sum(axis=-2, keepdims=True)
+    uniform = jnp.full_like(hist, 1.0 / hist.shape[-2])
     return jnp.where(total > 0, hist / jnp.where(total > 0, total, 1.0), uniform)
 
 
@@ -141,7 +145,7 @@ def em_update(state: EMState, warped, weights, lo, hi, bins: int, tables=None, s
         u = warped
         if sample_index is not None:
             u, w = warped[:, sample_index], w[sample_index]
-        tables = jax.lax.map(lambda a: appearance(a[0], w, a[1], a[2], bins), (u, lo, hi))
+        tables = _normalised(group_joint_histograms(u, w, lo, hi, bins))
     posterior = e_step(_summed_log_likelihood(tables, warped, lo, hi, bins), state.pi)
     return EMState(posterior, m_step(posterior, weights))
 

@@ -10,14 +10,23 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from xjax.density import entropy, joint_histogram, pair_histogram
+from xjax.density import entropy, group_joint_histograms, joint_histogram, pair_histogram
 
-__all__ = ["class_information", "x_metric", "mutual_information", "intensity_entropy", "FORMS"]
+__all__ = ["class_information", "group_class_information", "information_from_histogram", "x_metric", "mutual_information", "intensity_entropy", "FORMS"]
 
 Form = Literal["mi", "reference"]
 #: ``"mi"``: the paper's ``I(U_j; K)`` (Eq. 17). ``"reference"``: the authors' code,
 #: ``H(U_j) - H(K, U_j) = -H(K | U_j)``; the two differ by ``H(K)``, constant for a fixed posterior.
 FORMS = ("mi", "reference")
+
+
+def information_from_histogram(hist, form: Form = "mi"):
+    """``I(U; K)`` or ``-H(K | U)`` from unnormalised class x intensity histograms ``(..., B, K)``."""
+    p = hist / jnp.sum(hist, axis=(-2, -1), keepdims=True)
+    value = entropy(jnp.sum(p, axis=-1), axis=-1) - entropy(p, axis=(-2, -1))
+    if form == "mi":
+        value = value + entropy(jnp.sum(p, axis=-2), axis=-1)
+    return value
 
 
 def class_information(u, weights, lo, hi, bins: int, form: Form = "mi"):
@@ -31,12 +40,16 @@ def class_information(u, weights, lo, hi, bins: int, form: Form = "mi"):
     Returns:
       Scalar ``I(U_j; K)`` (``form="mi"``) or ``-H(K | U_j)`` (``form="reference"``), in nats.
     """
-    hist = joint_histogram(u, weights, lo, hi, bins)
-    p = hist / jnp.sum(hist)
-    value = entropy(jnp.sum(p, axis=1)) - entropy(p)
-    if form == "mi":
-        value = value + entropy(jnp.sum(p, axis=0))
-    return value
+    return information_from_histogram(joint_histogram(u, weights, lo, hi, bins), form)
+
+
+def group_class_information(u, weights, lo, hi, bins: int, form: Form = "mi"):
+    """:func:`class_information` of every image of a group, ``(N,)``, from one scatter-add.
+
+    Args:
+      u: ``(N, n)``; weights: ``(n, K)`` shared by the images; lo, hi: ``(N,)``.
+    """
+    return information_from_histogram(group_joint_histograms(u, weights, lo, hi, bins), form)
 
 
 def _check_form(form):
@@ -91,9 +104,7 @@ def x_metric(images, posterior, *, bins: int = 64, form: Form = "mi", mask=None)
     if mask is not None:
         weights = weights * mask[:, None]
     lo, hi = _masked_range(flat, mask)
-    per_image = jax.vmap(class_information, in_axes=(0, None, 0, 0, None, None))(
-        flat, weights, lo, hi, bins, form)
-    return jnp.sum(per_image)
+    return jnp.sum(group_class_information(flat, weights, lo, hi, bins, form))
 
 
 def mutual_information(a, b, *, bins: int = 64, mask=None):

@@ -32,7 +32,7 @@ from xjax import validate
 from xjax.em import EMState, appearance_from_labels, em_update, init_em
 from xjax.grid import Grid
 from xjax.interpolate import sample, sample_inside
-from xjax.metrics import FORMS, class_information
+from xjax.metrics import FORMS, group_class_information
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
 
@@ -271,9 +271,7 @@ def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, param
         em = em_update(em, warped, weights, lo, hi, stage.bins, tables, idx)
         values, _ = _warp_group(images, grid, points[:, idx])
         gamma = em.posterior[idx] * weights[idx, None]
-        info = jax.vmap(class_information, in_axes=(0, None, 0, 0, None, None))(
-            values, gamma, lo, hi, stage.bins, level.form)
-        loss = -jnp.sum(info)
+        loss = -jnp.sum(group_class_information(values, gamma, lo, hi, stage.bins, level.form))
         if stage.bending > 0:
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
         return loss, em
