@@ -330,7 +330,7 @@ def _mean_class_dice(labels, num_classes: int) -> float:
                                                                          num_classes))))
 
 
-def run_demo(outdir: str, *, size: int = 128, modalities: int = 3, iterations: int = 40,
+def run_demo(outdir: str, *, size: int = 128, modalities: int = 3, iterations: int = 100,
              seed: int = 0, force: bool = False, quiet: bool = False) -> dict:
     """Register a synthetic 2D phantom group misaligned by a known random FFD.
 
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="xjax-demo", metavar="OUTDIR")
     demo.add_argument("--size", type=int, default=128, help="phantom size in voxels (1 mm)")
     demo.add_argument("--modalities", type=int, default=3)
-    demo.add_argument("--iterations", type=int, default=40, help="steps per stage and level")
+    demo.add_argument("--iterations", type=int, default=100, help="steps per stage and level")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -516,8 +516,22 @@ def _cmd_demo(args) -> int:
     return 0 if metrics["status"] == 0 else 1
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled registration programs between runs, so that repeated commands with the same
+    shapes and settings skip compilation: in ``$XJAX_CACHE_DIR`` if set (empty: no cache), else
+    in ``$XDG_CACHE_HOME/xjax`` or ``~/.cache/xjax``."""
+    path = os.environ.get("XJAX_CACHE_DIR")
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "xjax")
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input, with no traceback)."""
+    _enable_compilation_cache()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

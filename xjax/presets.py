@@ -33,8 +33,9 @@ def translation(*, iterations: int = 50, levels: int = 3, bins: int = 32, sample
 
 def rigid(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate: float = 0.1,
           num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
-    """The paper's two-stage rigid scheme: translation (twice the levels, 32 bins), then rigid."""
-    stages = [_translation_stage(iterations // 2, levels + 1, 32, sample_rate),
+    """The paper's two-stage rigid scheme: translation (32 bins), then rigid, each over ``levels``
+    pyramid levels."""
+    stages = [_translation_stage(iterations // 2, levels, 32, sample_rate),
               Stage(Rigid(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
                     sample_rate=sample_rate)]
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
@@ -43,7 +44,7 @@ def rigid(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate
 def affine(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate: float = 0.1,
            num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Translation, then affine."""
-    stages = [_translation_stage(iterations // 2, levels + 1, 32, sample_rate),
+    stages = [_translation_stage(iterations // 2, levels, 32, sample_rate),
               Stage(Affine(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
                     sample_rate=sample_rate)]
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
@@ -56,16 +57,17 @@ def _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sampl
             for s in spacings]
 
 
-def ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+def ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
         learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
         num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
-    """Multi-level cubic B-spline FFD: one stage per control spacing (mm), coarse mesh first,
-    levels composed, each optimised in turn with bending energy ``bending`` (paper: 0.001)."""
+    """Cubic B-spline FFD with control spacing ``spacing`` mm over a pyramid. A tuple of spacings
+    (coarse first) gives the multi-level FFD: one stage per mesh, composed, each optimised in turn.
+    Bending energy weight ``bending`` (paper: 0.001)."""
     stages = _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
-def rigid_ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+def rigid_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
               learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
               num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Rigid (translation then rigid), then multi-level FFD."""
@@ -75,7 +77,7 @@ def rigid_ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: 
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
-def affine_ffd(*, spacing: float | tuple[float, ...] = (32.0, 16.0), iterations: int = 100, levels: int = 2,
+def affine_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
                learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
                num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Affine (translation then affine), then multi-level FFD."""
