@@ -3,16 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from xjax import em
+from conftest import PARITY
 from test_density import dense_kernel_np
-from test_metrics import golden  # noqa: F401  (fixture)
 
 
-def test_reference_estep_matches_golden(x64, golden):  # noqa: F811
+def test_reference_estep_matches_golden(x64, golden):
     images, posteriors, values, bins = golden
-    folder_post = np.load(__import__("conftest").PARITY / "xmetric_golden" / "estep_posterior.npy")
+    folder_post = np.load(PARITY / "xmetric_golden" / "estep_posterior.npy")
     k = posteriors["soft"].shape[-1]
     got = em.e_step_reference(jnp.asarray(images.reshape(3, -1)),
                               jnp.asarray(posteriors["soft"].reshape(-1, k)), bins)

@@ -1,7 +1,5 @@
 """X-metric and Parzen MI: parity with the authors' code and brute-force float64 references."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,6 @@ import pytest
 
 import xjax
 from xjax import metrics
-from conftest import PARITY, need
 from test_density import dense_kernel_np
 
 
@@ -23,21 +20,6 @@ def class_information_np(u, gamma, bins, form):
     p = h / h.sum()
     value = entropy_np(p.sum(1)) - entropy_np(p)
     return value + entropy_np(p.sum(0)) if form == "mi" else value
-
-
-@pytest.fixture
-def golden():
-    folder = need(PARITY / "xmetric_golden")
-    images = np.load(folder / "images.npy")
-    labels = np.load(folder / "labels.npy")
-    with open(folder / "golden.json") as f:
-        values = json.load(f)
-    # The parity case's posteriors: one-hot labels, 0.7 one-hot + 0.3 uniform, and uniform.
-    k = int(labels.max()) + 1
-    onehot = np.eye(k)[labels]
-    posteriors = {"onehot": onehot, "soft": 0.7 * onehot + 0.3 / k, "uniform": np.full_like(onehot, 1 / k)}
-    bins = int(round((images[0].max() - images[0].min()) / values["onehot"]["per_image"][0]["bin_width"]))
-    return images, posteriors, values, bins
 
 
 @pytest.mark.parametrize("case", ["onehot", "soft", "uniform"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
 from xjax.density import entropy, group_joint_histograms, joint_histogram, pair_histogram

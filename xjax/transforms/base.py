@@ -16,9 +16,8 @@ from typing import Any, ClassVar, Self
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from xjax.grid import Grid
+from xjax.grid import Grid, apply_affine, apply_linear
 
 __all__ = ["Params", "Transform", "apply_affine", "apply_linear", "grid_points",
            "subtract_group_mean"]
@@ -27,27 +26,9 @@ Params = dict[str, Any]
 """Parameters of one transform for one image: a dict of float arrays (a pytree)."""
 
 
-def apply_linear(points, matrix):
-    """``matrix @ p`` for every point ``p``: points ``(..., D)``, matrix ``(D, D)``.
-
-    Written as ``D`` fused multiply-adds rather than a matmul: exact float32 on every backend (a
-    GPU matmul defaults to TF32, which would cost hundredths of a millimetre on coordinates of a
-    few hundred mm) and several times faster than a dot product with inner size ``D``.
-    """
-    return sum(points[..., j, None] * matrix[:, j] for j in range(points.shape[-1]))
-
-
-def apply_affine(matrix: np.ndarray, points):
-    """Apply a ``(D+1, D+1)`` numpy affine to points ``(..., D)`` (see :func:`apply_linear`)."""
-    d = matrix.shape[0] - 1
-    return (apply_linear(points, jnp.asarray(matrix[:d, :d], points.dtype))
-            + jnp.asarray(matrix[:d, d], points.dtype))
-
-
 def grid_points(grid: Grid, dtype=jnp.float32):
-    """World coordinates (mm) of the voxel centres of ``grid``, ``(*grid.shape, D)``, computed in
-    full precision (see :func:`apply_linear`)."""
-    return apply_affine(grid.matrix, grid.index_points(dtype))
+    """World coordinates (mm) of the voxel centres of ``grid``, ``(*grid.shape, D)``."""
+    return grid.points(dtype)
 
 
 def subtract_group_mean(group_params: Params) -> Params:
