@@ -11,9 +11,10 @@ One registration step, for a group of ``N`` images on one common grid (Algorithm
    the X-metric of the warped samples against the new posterior, minus ``lambda`` times the bending
    energy summed over the group (Eq. 15), and one optax update of the transform parameters.
 
-The loop over steps is a ``lax.scan`` inside one ``jax.jit``: one compile per (stage, pyramid
-level). Everything is a pure function of arrays, so ``jax.vmap(register)`` runs batches of
-independent groups of one shape.
+The loop over the steps of each (stage, pyramid level) is a ``lax.scan``, traced once; the whole
+registration is one jitted program, compiled once per configuration and shape (the command line
+keeps compiled programs on disk). Everything is a pure function of arrays, so
+``jax.vmap(register)`` runs batches of independent groups of one shape.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def _resample_posterior(posterior, source: Grid, target: Grid):
 # ---- one (stage, level) --------------------------------------------------------------------------
 
 class _Level(NamedTuple):
-    """Everything static about one (stage, level): the jit cache key."""
+    """Everything static about one (stage, level) loop."""
 
     stage: Stage  # with a bound transform
     grid: Grid

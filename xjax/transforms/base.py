@@ -27,8 +27,12 @@ Params = dict[str, Any]
 
 
 def grid_points(grid: Grid, dtype=jnp.float32):
-    """World coordinates (mm) of the voxel centres of ``grid``, ``(*grid.shape, D)``."""
-    return grid.points(dtype)
+    """World coordinates (mm) of the voxel centres of ``grid``, ``(*grid.shape, D)``.
+
+    Behind an optimisation barrier: otherwise XLA folds these constants, and everything computed
+    from them alone, at compile time with its slow evaluator, which can take seconds.
+    """
+    return jax.lax.optimization_barrier(grid.points(dtype))
 
 
 def subtract_group_mean(group_params: Params) -> Params:
