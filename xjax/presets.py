@@ -24,6 +24,13 @@ def _translation_stage(iterations: int, levels: int, bins: int, sample_rate: flo
                  bins=bins, sample_rate=sample_rate)
 
 
+def _linear_stages(transform, iterations: int, levels: int, bins: int, sample_rate: float) -> list:
+    """Translation first (half the steps, 32 bins, as the paper's first stage), then ``transform``."""
+    return [_translation_stage(iterations // 2, levels, 32, sample_rate),
+            Stage(transform, iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
+                  sample_rate=sample_rate)]
+
+
 def translation(*, iterations: int = 50, levels: int = 3, bins: int = 32, sample_rate: float = 0.1,
                 num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Translation only (mm), coarse to fine."""
@@ -35,18 +42,14 @@ def rigid(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate
           num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """The paper's two-stage rigid scheme: translation (32 bins), then rigid, each over ``levels``
     pyramid levels."""
-    stages = [_translation_stage(iterations // 2, levels, 32, sample_rate),
-              Stage(Rigid(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
-                    sample_rate=sample_rate)]
+    stages = _linear_stages(Rigid(), iterations, levels, bins, sample_rate)
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
 def affine(*, iterations: int = 100, levels: int = 2, bins: int = 64, sample_rate: float = 0.1,
            num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Translation, then affine."""
-    stages = [_translation_stage(iterations // 2, levels, 32, sample_rate),
-              Stage(Affine(), iterations=iterations, levels=levels, learning_rate=1.0, bins=bins,
-                    sample_rate=sample_rate)]
+    stages = _linear_stages(Affine(), iterations, levels, bins, sample_rate)
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
@@ -70,20 +73,18 @@ def ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, lev
 def rigid_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
               learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
               num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
-    """Rigid (translation then rigid), then multi-level FFD."""
-    linear = rigid(iterations=iterations, levels=levels, bins=bins, sample_rate=sample_rate,
-                   num_classes=num_classes).stages
-    stages = list(linear) + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
+    """Rigid (translation then rigid), then FFD (see :func:`ffd`)."""
+    stages = (_linear_stages(Rigid(), iterations, levels, bins, sample_rate)
+              + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate))
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
 def affine_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
                learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
                num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
-    """Affine (translation then affine), then multi-level FFD."""
-    linear = affine(iterations=iterations, levels=levels, bins=bins, sample_rate=sample_rate,
-                    num_classes=num_classes).stages
-    stages = list(linear) + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
+    """Affine (translation then affine), then FFD (see :func:`ffd`)."""
+    stages = (_linear_stages(Affine(), iterations, levels, bins, sample_rate)
+              + _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate))
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
