@@ -9,6 +9,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from xjax import validate
 from xjax.density import entropy, group_joint_histograms, joint_histogram, pair_histogram
 
 __all__ = ["class_information", "group_class_information", "information_from_histogram", "x_metric", "mutual_information", "intensity_entropy", "FORMS"]
@@ -81,8 +82,6 @@ def x_metric(images, posterior, *, bins: int = 64, form: Form = "mi", mask=None)
     Returns:
       Scalar similarity in nats (higher is better).
     """
-    from xjax import validate
-
     _check_form(form)
     images = jnp.asarray(images)
     posterior = jnp.asarray(posterior)
