@@ -519,7 +519,8 @@ def _cmd_demo(args) -> int:
 def _enable_compilation_cache() -> None:
     """Keep compiled registration programs between runs, so that repeated commands with the same
     shapes and settings skip compilation: in ``$XJAX_CACHE_DIR`` if set (empty: no cache), else
-    in ``$XDG_CACHE_HOME/xjax`` or ``~/.cache/xjax``."""
+    in ``$XDG_CACHE_HOME/xjax`` or ``~/.cache/xjax``. Only ``--quiet`` runs profit: JAX does not
+    store programs that report progress through host callbacks."""
     path = os.environ.get("XJAX_CACHE_DIR")
     if path is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
