@@ -31,7 +31,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.figure import Figure
 
 from xjax import evaluate, phantoms, presets
 from xjax.grid import Grid
@@ -299,6 +298,8 @@ def _figure(path: str, before: np.ndarray, after: np.ndarray, segmentation: np.n
             losses: np.ndarray) -> None:
     """Rows: inputs before; warped after; checkerboards of modalities 0 and 1 before and after,
     the segmentation (posterior argmax) and the loss curve. Written atomically."""
+    from matplotlib.figure import Figure  # only the demo draws: keep it out of every start-up
+
     n = before.shape[0]
     cols = max(n, 4)
     fig = Figure(figsize=(2.6 * cols, 8.0), layout="constrained")
