@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xjax.interpolate import sample, sample_inside
+from xjax.interpolate import sample, sample_clamped, sample_inside
 
 
 def linear_np(image, points):
@@ -67,3 +67,11 @@ def test_gradient_with_respect_to_points(x64):
         e[i, a] = eps
         fd = (f(points + e) - f(points - e)) / (2 * eps)
         np.testing.assert_allclose(g[i, a], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_clamped_sampling_extends_the_border(x64):
+    rng = np.random.default_rng(2)
+    field = rng.normal(size=(5, 6, 2))
+    points = rng.uniform(-3, 9, size=(30, 2))
+    want = linear_np(field, np.clip(points, 0, np.array([4, 5])))
+    np.testing.assert_allclose(sample_clamped(jnp.asarray(field), jnp.asarray(points)), want, rtol=1e-12)

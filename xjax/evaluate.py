@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xjax.grid import Grid
-from xjax.interpolate import sample, sample_world
+from xjax.interpolate import sample_clamped, sample_world
 from xjax.regularizers import jacobian_determinant
 from xjax.transforms.base import grid_points
 
@@ -46,10 +46,8 @@ def _check_field(name, field, grid: Grid, group: bool):
 
 def _sample_field_clamped(field, grid: Grid, world_points):
     """Linear interpolation of a ``(*shape, D)`` field at world points ``(..., D)`` mm, with the
-    field extended beyond the grid by its border values (indices clamped to ``[0, n - 1]``)."""
-    idx = grid.world_to_index(world_points)
-    upper = jnp.asarray(grid.shape, idx.dtype) - 1
-    return sample(field, jnp.clip(idx, 0, upper), order=1)
+    field extended beyond the grid by its border values."""
+    return sample_clamped(field, grid.world_to_index(world_points))
 
 
 @functools.partial(jax.jit, static_argnames=("grid",))

@@ -12,7 +12,7 @@ import itertools
 
 import jax.numpy as jnp
 
-__all__ = ["sample", "sample_inside", "sample_world"]
+__all__ = ["sample", "sample_clamped", "sample_inside", "sample_world"]
 
 
 def _flat_index(idx, shape):
@@ -71,6 +71,13 @@ def sample_inside(image, index_points, *, order: int = 1, fill: float = 0.0):
 def sample(image, index_points, *, order: int = 1, fill: float = 0.0):
     """Like :func:`sample_inside` but returns the values only."""
     return sample_inside(image, index_points, order=order, fill=fill)[0]
+
+
+def sample_clamped(image, index_points, *, order: int = 1):
+    """Like :func:`sample`, but the image extends beyond its border by its border values
+    (indices clamped onto ``[0, n_a - 1]``): for fields that continue past the grid."""
+    upper = jnp.asarray(image.shape[:index_points.shape[-1]], index_points.dtype) - 1
+    return sample(image, jnp.clip(index_points, 0, upper), order=order)
 
 
 def sample_world(image, grid, world_points, *, order: int = 1, fill: float = 0.0):

@@ -31,7 +31,7 @@ from xjax import random as xrandom
 from xjax import validate
 from xjax.em import EMState, appearance_from_labels, em_update, init_em
 from xjax.grid import Grid, apply_linear
-from xjax.interpolate import sample, sample_inside
+from xjax.interpolate import sample, sample_clamped, sample_inside
 from xjax.metrics import FORMS, group_class_information
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
@@ -188,8 +188,7 @@ def _resample_posterior(posterior, source: Grid, target: Grid):
     if source == target:
         return posterior
     idx = source.world_to_index(grid_points(target))
-    idx = jnp.clip(idx, 0, jnp.asarray(source.shape, idx.dtype) - 1)
-    moved = sample(posterior.reshape(source.shape + posterior.shape[-1:]), idx)
+    moved = sample_clamped(posterior.reshape(source.shape + posterior.shape[-1:]), idx)
     moved = moved.reshape(-1, posterior.shape[-1])
     return moved / jnp.sum(moved, axis=-1, keepdims=True)
 

@@ -16,18 +16,11 @@ import numpy as np
 from jax import lax
 
 from xjax.grid import Grid
-from xjax.interpolate import sample
+from xjax.interpolate import sample_clamped
 from xjax.regularizers import bending_energy
 from xjax.transforms.base import Params, Transform, apply_affine, apply_linear
 
 __all__ = ["DenseDisplacement", "StationaryVelocity", "resample_field", "scaling_and_squaring"]
-
-
-def _sample_clamped(field, grid: Grid, index_points):
-    """Linear interpolation of ``field`` ``(*grid.shape, C)`` at continuous voxel indices
-    ``(..., D)`` clamped onto the grid's voxel-centre hull."""
-    upper = jnp.asarray(grid.shape, index_points.dtype) - 1
-    return sample(field, jnp.clip(index_points, 0, upper))
 
 
 def resample_field(field, source: Grid, target: Grid):
@@ -45,7 +38,7 @@ def resample_field(field, source: Grid, target: Grid):
     if target == source:
         return field
     to_source = np.linalg.solve(source.matrix, target.matrix)  # target index -> source index
-    return _sample_clamped(field, source, apply_affine(to_source, target.index_points(field.dtype)))
+    return sample_clamped(field, apply_affine(to_source, target.index_points(field.dtype)))
 
 
 def scaling_and_squaring(velocity, grid: Grid, steps: int):
@@ -68,7 +61,7 @@ def scaling_and_squaring(velocity, grid: Grid, steps: int):
     index_per_mm = jnp.asarray(np.linalg.inv(grid.matrix[:d, :d]), u.dtype)
 
     def square(_, u):
-        return u + _sample_clamped(u, grid, index + apply_linear(u, index_per_mm))
+        return u + sample_clamped(u, index + apply_linear(u, index_per_mm))
 
     return lax.fori_loop(0, steps, square, u)
 
@@ -104,8 +97,7 @@ class _DenseField(Transform):
     def _read(self, field, points):
         """``field`` (on the bound grid) at world points ``(..., D)``."""
         self._check_points(points, self.ndim)
-        return _sample_clamped(field, self.grid, apply_affine(np.linalg.inv(self.grid.matrix),
-                                                              points))
+        return sample_clamped(field, self.grid.world_to_index(points))
 
     def regularizer(self, params: Params):
         """Bending energy (mm units) of the field by finite differences on the bound grid."""
