@@ -14,6 +14,8 @@ from xjax.grid import Grid
 from xjax.grid import bounding_grid
 from xjax.metrics import mutual_information
 from xjax.metrics import x_metric
+from xjax.objectives import Objective
+from xjax.objectives import XMetric
 from xjax.registration import Config
 from xjax.registration import Result
 from xjax.registration import Stage

@@ -29,10 +29,11 @@ import optax
 
 from xjax import random as xrandom
 from xjax import validate
-from xjax.em import EMState, appearance_from_labels, em_update, init_em
+from xjax.em import appearance_from_labels
 from xjax.grid import Grid, apply_linear
-from xjax.interpolate import sample, sample_clamped, sample_inside
-from xjax.metrics import FORMS, group_class_information
+from xjax.interpolate import sample, sample_inside
+from xjax.metrics import FORMS
+from xjax.objectives import Objective, XMetric
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
 
@@ -109,6 +110,9 @@ class Config:
       reference: the fixed image in ``"reference"`` mode.
       form: the X-metric form, ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``); both give the
         same gradient for a fixed posterior.
+      objective: the groupwise similarity (:class:`xjax.objectives.Objective`); default ``None``,
+        the X-metric ``XMetric(num_classes, form)``. Any other objective (e.g. a baseline of
+        :mod:`xjax.baselines`) drives the same optimisation; the result then has no posterior.
     """
 
     stages: tuple[Stage, ...]
@@ -116,6 +120,7 @@ class Config:
     mode: Mode = "unbiased"
     reference: int = 0
     form: Literal["mi", "reference"] = "mi"
+    objective: Objective | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -126,6 +131,13 @@ class Config:
             raise ValueError(f"mode must be 'unbiased' or 'reference', got {self.mode!r}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.objective is not None and not isinstance(self.objective, Objective):
+            raise ValueError(f"Config.objective must be an xjax Objective, got {self.objective!r}")
+
+    @property
+    def metric(self) -> Objective:
+        """The objective in use: ``objective``, or the X-metric with ``num_classes`` and ``form``."""
+        return XMetric(self.num_classes, self.form) if self.objective is None else self.objective
 
     @property
     def total_steps(self) -> int:
@@ -134,6 +146,7 @@ class Config:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["stages"] = [s.to_dict() for s in self.stages]
+        d["objective"] = repr(self.metric)
         return d
 
 
@@ -145,8 +158,9 @@ class Result(NamedTuple):
         as applied (centred in unbiased mode).
       displacements: ``(N, *spatial, D)`` in mm on the common grid: ``phi_j(x) = x + u_j(x)``.
       warped: ``(N, *spatial)`` images pulled through ``phi_j``.
-      posterior: ``(*spatial, K)`` posterior of the common anatomy at the final transforms.
-      pi: ``(K,)`` class proportions.
+      posterior: ``(*spatial, K)`` posterior of the common anatomy at the final transforms (X-metric
+        only; ``None`` for other objectives).
+      pi: ``(K,)`` class proportions (X-metric only; ``None`` for other objectives).
       loss_history: ``(T,)`` loss (``-X + lambda R``) of every step, stages and levels in order.
       status: int scalar, 0 when every loss and parameter is finite (see :data:`STATUS`).
     """
@@ -183,16 +197,6 @@ def pyramid(image, grid: Grid, levels: int) -> list:
     return out
 
 
-def _resample_posterior(posterior, source: Grid, target: Grid):
-    """Carry ``(V, K)`` posterior to another grid of the same field of view (linear, renormalised)."""
-    if source == target:
-        return posterior
-    idx = source.world_to_index(grid_points(target))
-    moved = sample_clamped(posterior.reshape(source.shape + posterior.shape[-1:]), idx)
-    moved = moved.reshape(-1, posterior.shape[-1])
-    return moved / jnp.sum(moved, axis=-1, keepdims=True)
-
-
 # ---- one (stage, level) --------------------------------------------------------------------------
 
 class _Level(NamedTuple):
@@ -201,10 +205,9 @@ class _Level(NamedTuple):
     stage: Stage  # with a bound transform
     grid: Grid
     frozen: tuple[Transform, ...]
-    num_classes: int
+    objective: Objective
     mode: Mode
     reference: int
-    form: str
     progress: Callable | None
     total_steps: int
 
@@ -212,7 +215,7 @@ class _Level(NamedTuple):
 class _Carry(NamedTuple):
     params: Any
     opt_state: Any
-    em: EMState
+    state: Any  # the objective's state
 
 
 TRACES = {"level": 0}  # incremented when a (stage, level) loop is traced; tests count compiles
@@ -257,48 +260,47 @@ def _warp_group(images, grid: Grid, points):
     return jax.vmap(lambda im, p: sample_inside(im, grid.world_to_index(p)))(images, points)
 
 
-def _run_level(level: _Level, images, mask, tables, ranges, frozen_params, params, em, seed, offset):
+def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state, seed, offset):
     TRACES["level"] += 1
     stage, grid = level.stage, level.grid
     n, d, v = images.shape[0], grid.ndim, grid.size
     lo, hi = ranges
     x = grid_points(grid, images.dtype).reshape(v, d)
     samples = max(1, int(round(stage.sample_rate * v)))
-    spec = stage.transform
+    spec, objective = stage.transform, level.objective
     tx = _optimizer(stage)
 
-    def loss_fn(params, em, step_seed):
+    def loss_fn(params, state, step_seed):
         eff = _effective(level, params)
         u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
         points = x[None] + u
         warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
         weights = mask * jnp.prod(inside, axis=0)
         idx = xrandom.randint(step_seed, (samples,), v)
-        em = em_update(em, warped, weights, lo, hi, stage.bins, tables, idx)
+        state = objective.update(jax.lax.stop_gradient(state), warped, weights, lo, hi, stage.bins, idx)
         sample_points = points[:, idx]
         if stage.jitter > 0:
             offset = stage.jitter * (2.0 * xrandom.uniform(xrandom.fold(step_seed, 1), (samples, d)) - 1.0)
             sample_points = sample_points + apply_linear(offset.astype(x.dtype), jnp.asarray(grid.matrix[:d, :d], x.dtype))
         values, _ = _warp_group(images, grid, sample_points)
-        gamma = em.posterior[idx] * weights[idx, None]
-        loss = -jnp.sum(group_class_information(values, gamma, lo, hi, stage.bins, level.form))
+        loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
         if stage.bending > 0:
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
-        return loss, em
+        return loss, state
 
     def step(carry: _Carry, i):
-        (loss, em), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            carry.params, carry.em, xrandom.fold(seed, i))
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            carry.params, carry.state, xrandom.fold(seed, i))
         updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)
         if level.progress is not None:
             total = level.total_steps
             jax.debug.callback(lambda s, l: level.progress(int(s), total, float(l)), offset + i + 1, loss)
-        return _Carry(params, opt_state, em), loss
+        return _Carry(params, opt_state, state), loss
 
-    carry = _Carry(params, tx.init(params), em)
+    carry = _Carry(params, tx.init(params), state)
     carry, losses = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
-    return carry.params, carry.em, losses
+    return carry.params, carry.state, losses
 
 
 # ---- the entry point -----------------------------------------------------------------------------
@@ -349,8 +351,11 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
         validate.check_labels(labels, images.shape)
         if labels.shape != images.shape:
             raise ValueError(f"labels need one map per image, shape {images.shape}, got {labels.shape}")
-        if not isinstance(labels, jax.core.Tracer) and int(labels.max()) >= config.num_classes:
-            raise ValueError(f"labels hold value {int(labels.max())} but num_classes is {config.num_classes}")
+        if not isinstance(config.metric, XMetric):
+            raise ValueError(f"labels (X-Reg-GT) need the X-metric objective, got {config.metric!r}")
+        k = config.metric.num_classes
+        if not isinstance(labels, jax.core.Tracer) and int(labels.max()) >= k:
+            raise ValueError(f"labels hold value {int(labels.max())} but num_classes is {k}")
 
     return _register(config, grid, progress, images, mask, labels, key)
 
@@ -364,8 +369,9 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
     mask_pyramid = pyramid(mask, grid, levels_needed)
 
     seed = xrandom.seed(key)
+    objective = config.metric
     frozen, frozen_params, history = (), (), []
-    em, em_grid = None, None
+    state, state_grid = None, None
     for stage in config.stages:
         spec = stage.transform.bind(grid)
         stage = dataclasses.replace(stage, transform=spec)
@@ -376,26 +382,25 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
             flat = level_images.reshape(n, -1)
             level_mask = mask_pyramid[level_index][0].reshape(-1)
             ranges = (flat.min(axis=1), flat.max(axis=1))
-            tables = None
-            if labels is not None:
-                tables = _label_tables(labels, grid, level_grid, flat, level_mask, ranges,
-                                       config.num_classes, stage.bins)
-            if em is None:
-                em = init_em(key, level_grid.size, config.num_classes, images.dtype)
+            if state is None:
+                state = objective.init(key, flat, level_mask)
             else:
-                em = EMState(_resample_posterior(em.posterior, em_grid, level_grid), em.pi)
-            em_grid = level_grid
-            level = _Level(stage, level_grid, frozen, config.num_classes, config.mode,
-                           config.reference, config.form, progress, config.total_steps)
-            params, em, losses = _run_level(level, level_images, level_mask, tables, ranges, frozen_params,
-                                            params, em, xrandom.fold(seed, 1000 + len(history)),
-                                            sum(h.size for h in history))
+                state = objective.to_grid(state, state_grid, level_grid)
+            state_grid = level_grid
+            if labels is not None:
+                state = state._replace(tables=_label_tables(labels, grid, level_grid, flat, level_mask,
+                                                            ranges, objective.num_classes, stage.bins))
+            level = _Level(stage, level_grid, frozen, objective, config.mode, config.reference,
+                           progress, config.total_steps)
+            params, state, losses = _run_level(level, level_images, level_mask, ranges, frozen_params,
+                                               params, state, xrandom.fold(seed, 1000 + len(history)),
+                                               sum(h.size for h in history))
             history.append(losses)
         frozen = frozen + (spec,)
         frozen_params = frozen_params + (_effective(level, params),)
 
-    return _finish(config, grid, images, mask.reshape(-1), labels, frozen, frozen_params, em, em_grid,
-                   jnp.concatenate(history))
+    return _finish(config, grid, images, mask.reshape(-1), labels, frozen, frozen_params, state,
+                   state_grid, jnp.concatenate(history))
 
 
 def _label_tables(labels, grid, level_grid, flat, level_mask, ranges, k, bins):
@@ -406,29 +411,34 @@ def _label_tables(labels, grid, level_grid, flat, level_mask, ranges, k, bins):
         flat, level_labels.astype(jnp.int32), k, ranges[0], ranges[1], bins, level_mask)
 
 
-def _finish(config, grid, images, mask, labels, specs, params, em, em_grid, history) -> Result:
-    """Full-resolution displacements, warped images and a last E-step at the final transforms."""
+def _finish(config, grid, images, mask, labels, specs, params, state, state_grid, history) -> Result:
+    """Full-resolution displacements, warped images and, for the X-metric, a last E-step at the
+    final transforms."""
     n, v = images.shape[0], grid.size
     disp = _displacements(specs[-1], specs[:-1], params[:-1], params[-1], grid)
     points = grid_points(grid, images.dtype).reshape(1, v, grid.ndim) + disp.reshape(n, v, grid.ndim)
     warped, inside = _warp_group(images, grid, points)
-    weights = mask * jnp.prod(inside, axis=0)
-    flat = images.reshape(n, -1)
-    ranges = (flat.min(axis=1), flat.max(axis=1))
-    bins = config.stages[-1].bins
-    tables = None
-    if labels is not None:
-        tables = _label_tables(labels, grid, grid, flat, mask, ranges, config.num_classes, bins)
-    em = EMState(_resample_posterior(em.posterior, em_grid, grid), em.pi)
-    em = em_update(em, warped, weights, *ranges, bins, tables)
+    posterior = pi = None
+    objective = config.metric
+    if isinstance(objective, XMetric):
+        weights = mask * jnp.prod(inside, axis=0)
+        flat = images.reshape(n, -1)
+        ranges = (flat.min(axis=1), flat.max(axis=1))
+        bins = config.stages[-1].bins
+        state = objective.to_grid(state, state_grid, grid)
+        if labels is not None:
+            state = state._replace(tables=_label_tables(labels, grid, grid, flat, mask, ranges,
+                                                        objective.num_classes, bins))
+        em = objective.update(state, warped, weights, *ranges, bins, None).em
+        posterior, pi = em.posterior.reshape(grid.shape + (objective.num_classes,)), em.pi
     finite = jnp.all(jnp.isfinite(history)) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
     return Result(
         params=tuple(params),
         displacements=disp,
         warped=warped.reshape(images.shape),
-        posterior=em.posterior.reshape(grid.shape + (config.num_classes,)),
-        pi=em.pi,
+        posterior=posterior,
+        pi=pi,
         loss_history=history,
         status=jnp.where(finite, 0, 1).astype(jnp.int32),
     )

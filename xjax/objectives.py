@@ -1,0 +1,120 @@
+"""Groupwise similarities that drive :func:`xjax.register`: the X-metric and any baseline.
+
+An :class:`Objective` is a static, frozen spec (hashable, so it is part of the compiled program's
+key) with three pure functions over a state pytree, in the spirit of optax's ``init`` / ``update``:
+
+* ``init(key, images, weights)``: the state before the first pyramid level, from the unwarped
+  level images ``(N, V)`` and voxel weights ``(V,)``;
+* ``update(state, warped, weights, lo, hi, bins, sample_index)``: once per step, without gradient,
+  over the whole level grid: the warped images ``(N, V)``, the weights (mask times overlap), the
+  Parzen ranges ``(N,)`` and the step's voxel sample ``(S,)``. For the X-metric this is the E-step
+  (Algorithm 1, lines 3-4); a baseline may re-estimate a template or mixture here, or do nothing;
+* ``similarity(state, values, weights, sample_index, lo, hi, bins)``: the scalar similarity
+  (higher is better) of the warped intensities ``values`` ``(N, S)`` at the step's sample, with
+  their weights ``(S,)``; differentiable with respect to ``values``. The objective of the
+  optimiser is its negation (plus the regulariser).
+
+and ``to_grid(state, source, target)`` carrying the state from one pyramid level's grid to the next
+(identity unless the state holds a field on the grid).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import jax.numpy as jnp
+
+from xjax import validate
+from xjax.em import EMState, em_update, init_em
+from xjax.grid import Grid
+from xjax.interpolate import sample_clamped
+from xjax.metrics import FORMS, group_class_information
+from xjax.transforms.base import grid_points
+
+__all__ = ["Objective", "XMetric", "XState"]
+
+State = Any
+
+
+class Objective(abc.ABC):
+    """A groupwise similarity (see the module docstring). Subclasses are frozen dataclasses."""
+
+    def init(self, key, images, weights) -> State:
+        """State before the first level; ``images`` ``(N, V)``, ``weights`` ``(V,)``."""
+        del key, images, weights
+        return ()
+
+    def update(self, state: State, warped, weights, lo, hi, bins: int, sample_index) -> State:
+        """The per-step update without gradient (see the module docstring)."""
+        del warped, weights, lo, hi, bins, sample_index
+        return state
+
+    @abc.abstractmethod
+    def similarity(self, state: State, values, weights, sample_index, lo, hi, bins: int):
+        """Scalar similarity of the sampled warped intensities ``values`` ``(N, S)``."""
+
+    def to_grid(self, state: State, source: Grid, target: Grid) -> State:
+        """The state moved from the grid ``source`` to the grid ``target`` (same field of view)."""
+        del source, target
+        return state
+
+
+class XState(NamedTuple):
+    """The X-metric's state: the common-space parameters and, for X-Reg-GT, fixed appearance models.
+
+    Attributes:
+      em: posterior ``Gamma`` ``(V, K)`` on the level grid and ``pi`` ``(K,)``.
+      tables: ``None`` (X-Reg-UN: appearance models re-estimated every step from the posterior), or
+        fixed ``(N, L + 4, K)`` models from label maps (X-Reg-GT, Eq. 48).
+    """
+
+    em: EMState
+    tables: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class XMetric(Objective):
+    """The X-metric ``sum_j I(U_j o phi_j; Z)`` (Eq. 8, 17) with the E-step of Algorithm 1.
+
+    Attributes:
+      num_classes: ``K``, classes of the common anatomy.
+      form: ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``, the authors' code); both give the
+        same gradient for a fixed posterior.
+    """
+
+    num_classes: int = 4
+    form: Literal["mi", "reference"] = "mi"
+
+    def __post_init__(self):
+        validate.check_num_classes(self.num_classes)
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+
+    def init(self, key, images, weights) -> XState:
+        """Eq. (22): a random softmax posterior and uniform ``pi``."""
+        del weights
+        return XState(init_em(key, images.shape[1], self.num_classes, images.dtype))
+
+    def update(self, state: XState, warped, weights, lo, hi, bins: int, sample_index) -> XState:
+        """Appearance models from the sample ``Omega_S`` (Eq. 20) and the E-step over the whole grid
+        (Eq. 12-14)."""
+        em = em_update(state.em, warped, weights, lo, hi, bins, state.tables, sample_index)
+        return XState(em, state.tables)
+
+    def similarity(self, state: XState, values, weights, sample_index, lo, hi, bins: int):
+        """``sum_j I(U_j; K)`` over the sample, weighted by the posterior times ``weights``."""
+        gamma = state.em.posterior[sample_index] * weights[:, None]
+        return jnp.sum(group_class_information(values, gamma, lo, hi, bins, self.form))
+
+    def to_grid(self, state: XState, source: Grid, target: Grid) -> XState:
+        """The posterior resampled linearly (border extended) and renormalised; ``pi`` kept."""
+        if source == target:
+            return state
+        posterior = state.em.posterior
+        idx = source.world_to_index(grid_points(target))
+        moved = sample_clamped(posterior.reshape(source.shape + posterior.shape[-1:]), idx)
+        moved = moved.reshape(-1, posterior.shape[-1])
+        moved = moved / jnp.sum(moved, axis=-1, keepdims=True)
+        return XState(EMState(moved, state.em.pi), state.tables)
