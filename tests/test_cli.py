@@ -16,6 +16,7 @@ import pytest
 
 from xjax import phantoms, presets
 from xjax.cli import main
+from xjax.io import load_image
 from xjax.grid import Grid
 from xjax.progress import ProgressBar, null
 
@@ -242,6 +243,63 @@ def test_bad_inputs_are_named(registered, tmp_path, capsys):
     assert main(["register", *registered["paths"], "--mask", empty, "-o", str(tmp_path / "o")]) == 2
     assert f"{empty}: mask is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_groups_directory_runs_as_one_batch_equal_to_separate_runs(tmp_path):
+    """Three groups (two modalities each, on grids that differ only in their origin) registered by
+    ``--groups``: every group's outputs carry its own affine, and its displacements equal a
+    separate :func:`xjax.register` of that group with the key ``fold_in(key(seed), g)`` on the
+    batch's grid (the first group's, as read from its file) to round-off, where another group's
+    key gives other displacements."""
+    import xjax
+    root = tmp_path / "groups"
+    stacks, grids = [], []
+    for g in range(3):
+        grid = Grid(SIZE, REF.matrix @ np.array([[1, 0, 3.0 * g], [0, 1, -2.0 * g], [0, 0, 1]]))
+        ph = phantoms.make_phantom(jax.random.key(10 + g), SIZE, num_modalities=2)
+        (root / f"case{g}").mkdir(parents=True)
+        for j in range(2):
+            save(root / f"case{g}" / f"m{j}.nii.gz", ph.images[j], grid)
+        stacks.append(np.asarray(ph.images, np.float32))
+        grids.append(grid)
+    out = tmp_path / "out"
+    argv = ["register", "--groups", str(root), "-o", str(out), "--preset", "ffd", "--levels", "1",
+            "--iterations", "3", "--spacing", "12", "--bins", "16", "--seed", "5", "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert [g["name"] for g in summary["groups"]] == ["case0", "case1", "case2"]
+    config = presets.ffd(levels=1, iterations=3, spacing=12.0, bins=16)
+    batch_grid = load_image(str(root / "case0" / "m0.nii.gz"))[1]  # as read back from the file
+    for g in range(3):
+        folder = out / f"case{g}"
+        assert json.loads((folder / "report.json").read_text())["group"] == f"case{g}"
+        images = (stacks[g] - stacks[g].mean(axis=(1, 2), keepdims=True)) / stacks[g].std(
+            axis=(1, 2), keepdims=True)
+        key = jax.random.fold_in(jax.random.key(5), g)
+        alone = xjax.register(images, batch_grid, config, key=key).displacements
+        other = xjax.register(images, batch_grid, config, key=jax.random.fold_in(jax.random.key(5), g + 1))
+        disp = []
+        for j in range(2):
+            field, affine = nifti(folder / f"displacement_{j}_m{j}.nii.gz")
+            np.testing.assert_allclose(affine, grids[g].to_nifti_affine(), atol=1e-5)
+            disp.append(field[:, :, 0, 0, :])
+        error = np.abs(np.stack(disp) - np.asarray(alone))
+        assert error.max() < 1e-3, error.max()
+        assert np.abs(np.stack(disp) - np.asarray(other.displacements)).mean() > 0.01
+
+
+def test_groups_that_do_not_batch_are_named_and_nothing_is_written(tmp_path, capsys):
+    root = tmp_path / "groups"
+    for name, shape in (("a", SIZE), ("b", (30, 28))):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            save(root / name / f"m{j}.nii.gz", np.random.default_rng(j).random(shape), Grid.regular(shape))
+    out = tmp_path / "out"
+    assert main(["register", "--groups", str(root), "-o", str(out), "--quiet"]) == 2
+    assert "group 'b'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["register", "x.nii", "--groups", str(root), "-o", str(out)]) == 2
+    assert "--groups" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_with_2(capsys):

@@ -11,8 +11,10 @@ with the X-metric and writes, into one output directory (all at once, or nothing
 * ``report.json`` (inputs, settings, loss history, status, timings, versions, device) and
   ``transforms.json`` (which displacement belongs to which input).
 
-``xjax apply`` warps further images (or label maps) with those displacements; ``xjax demo`` runs
-the whole path on a synthetic phantom with a known misalignment.
+``xjax register --groups DIR`` registers every sub-directory of ``DIR`` (one group each) as one
+batched job, with the same outputs in ``OUTDIR/<sub-directory>/``. ``xjax apply`` warps further
+images (or label maps) with those displacements; ``xjax demo`` runs the whole path on a synthetic
+phantom with a known misalignment.
 
 Errors in the input print ``xjax: error: ...`` and exit with status 2; a registration that reports
 numerical failure still writes its outputs and exits with status 1.
@@ -26,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ from xjax.progress import ProgressBar
 from xjax.registration import register
 from xjax.validate import check_bins, check_images, check_mask, check_num_classes
 
-__all__ = ["main", "build_parser", "register_files", "apply_files", "run_demo"]
+__all__ = ["main", "build_parser", "register_files", "register_groups", "apply_files", "run_demo"]
 
 #: command-line option -> keyword of the :mod:`xjax.presets` factories it sets.
 OVERRIDES = {
@@ -117,6 +119,83 @@ def _zscore(images: np.ndarray) -> np.ndarray:
     return ((images - mean) / std).astype(np.float32)
 
 
+class _Group(NamedTuple):
+    """A group read from disk and resampled onto its common grid."""
+
+    paths: list  # absolute input paths
+    loaded: list  # (array, grid) of every input, as read
+    images: np.ndarray  # (N, *common.shape) float32
+    common: Grid
+    weights: np.ndarray | None  # mask on the common grid
+
+
+def _load_group(paths: Sequence[str], reference: int | str, mask: str | None) -> _Group:
+    """Read, check and resample one group (and its optional mask) onto the common grid."""
+    paths = [os.path.abspath(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"groupwise registration needs at least 2 images, got {len(paths)}")
+    loaded = [load_image(p) for p in paths]
+    group, common = to_common_space([a for a, _ in loaded], [g for _, g in loaded], reference,
+                                    names=paths)
+    check_images(group, names=paths)
+    weights = None
+    if mask is not None:
+        m, mgrid = load_image(mask)
+        weights = pull_image(m, mgrid, common)
+        try:
+            check_mask(weights, common.shape)
+        except ValueError as e:
+            raise ValueError(f"{mask}: {e}") from e
+    return _Group(paths, loaded, group, common, weights)
+
+
+def _write_group(tmp: str, group: _Group, result, report: dict) -> None:
+    """Write one group's outputs into the directory ``tmp``: warped inputs, displacements,
+    posterior and segmentation, and ``transforms.json``; ``report`` is completed with the inputs,
+    outputs, status, loss history and ``pi`` (the caller writes it)."""
+    disp = np.asarray(result.displacements, np.float32)
+    posterior = np.asarray(result.posterior, np.float32)
+    common = group.common
+    entries = [{"index": j, "input": p, "displacement": f"displacement_{j}_{_stem(p)}.nii.gz",
+                "warped": f"warped_{j}_{_stem(p)}.nii.gz"} for j, p in enumerate(group.paths)]
+    report.update({
+        "inputs": [{"path": p, "grid": _grid_dict(g)} for p, (_, g) in zip(group.paths, group.loaded)],
+        "common_grid": _grid_dict(common),
+        "outputs": entries,
+        "status": int(result.status),
+        "loss_history": [float(v) for v in np.asarray(result.loss_history)],
+        "pi": [float(v) for v in np.asarray(result.pi)],
+    })
+    for j, ((image, grid), e) in enumerate(zip(group.loaded, entries)):
+        save_image(os.path.join(tmp, e["warped"]), pull_image(image, grid, common, disp[j]), common)
+        save_image(os.path.join(tmp, e["displacement"]), disp[j], common, intent="vector")
+    save_image(os.path.join(tmp, "posterior.nii.gz"), posterior, common)
+    segmentation = np.argmax(posterior, axis=-1)
+    save_image(os.path.join(tmp, "segmentation.nii.gz"), segmentation, common,
+               dtype=_label_dtype(segmentation))
+    _write_json(os.path.join(tmp, TRANSFORMS_JSON), {
+        "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI "
+                      "RAS+) on the common grid",
+        "common_grid": _grid_dict(common),
+        "transforms": entries,
+    })
+
+
+def _settings(preset: str, options: dict | None, reference, seed: int):
+    """The config of the preset with the options, and the report's settings entries."""
+    options = dict(options or {})
+    unknown = set(options) - set(OVERRIDES)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(OVERRIDES)}")
+    _check_options(options)
+    config = _config(preset, options)
+    return config, {
+        "reference": reference, "preset": preset, "seed": seed, "settings": config.to_dict(),
+        "versions": {"xjax": importlib.metadata.version("xjax"), "jax": jax.__version__},
+        "device": str(jax.devices()[0]),
+    }
+
+
 def register_files(paths: Sequence[str], outdir: str, *, preset: str = "rigid+ffd",
                    reference: int | str = 0, options: dict | None = None, mask: str | None = None,
                    seed: int = 0, force: bool = False, quiet: bool = False) -> dict:
@@ -138,80 +217,114 @@ def register_files(paths: Sequence[str], outdir: str, *, preset: str = "rigid+ff
     Returns:
       The report written to ``report.json``.
     """
-    options = dict(options or {})
-    unknown = set(options) - set(OVERRIDES)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(OVERRIDES)}")
-    paths = [os.path.abspath(p) for p in paths]
-    if len(paths) < 2:
-        raise ValueError(f"groupwise registration needs at least 2 images, got {len(paths)}")
     check_output_path(outdir, force)
-    _check_options(options)
-    config = _config(preset, options)
-
+    config, report = _settings(preset, options, reference, seed)
     t0 = time.perf_counter()
-    loaded = [load_image(p) for p in paths]
-    group, common = to_common_space([a for a, _ in loaded], [g for _, g in loaded], reference,
-                                    names=paths)
-    check_images(group, names=paths)
-    weights = None
-    if mask is not None:
-        m, mgrid = load_image(mask)
-        weights = pull_image(m, mgrid, common)
-        try:
-            check_mask(weights, common.shape)
-        except ValueError as e:
-            raise ValueError(f"{mask}: {e}") from e
+    group = _load_group(paths, reference, mask)
+    report["mask"] = os.path.abspath(mask) if mask is not None else None
     t1 = time.perf_counter()
 
     bar = None if quiet else ProgressBar("registering")
     try:
-        result = register(_zscore(group), common, config, key=jax.random.key(seed), mask=weights,
-                          progress=bar)
+        result = register(_zscore(group.images), group.common, config, key=jax.random.key(seed),
+                          mask=group.weights, progress=bar)
         result = jax.block_until_ready(result)
     finally:
         if bar is not None:
             bar.close()
     t2 = time.perf_counter()
 
-    disp = np.asarray(result.displacements, np.float32)
-    posterior = np.asarray(result.posterior, np.float32)
-    stems = [_stem(p) for p in paths]
-    entries = [{"index": j, "input": p, "displacement": f"displacement_{j}_{s}.nii.gz",
-                "warped": f"warped_{j}_{s}.nii.gz"} for j, (p, s) in enumerate(zip(paths, stems))]
-    report = {
-        "inputs": [{"path": p, "grid": _grid_dict(g)} for p, (_, g) in zip(paths, loaded)],
-        "common_grid": _grid_dict(common),
-        "outputs": entries,
-        "reference": reference,
-        "mask": os.path.abspath(mask) if mask is not None else None,
-        "preset": preset,
-        "seed": seed,
-        "settings": config.to_dict(),
-        "status": int(result.status),
-        "loss_history": [float(v) for v in np.asarray(result.loss_history)],
-        "pi": [float(v) for v in np.asarray(result.pi)],
-        "versions": {"xjax": importlib.metadata.version("xjax"), "jax": jax.__version__},
-        "device": str(jax.devices()[0]),
-    }
     with atomic_output_dir(outdir, force) as tmp:
-        for j, ((image, grid), e) in enumerate(zip(loaded, entries)):
-            save_image(os.path.join(tmp, e["warped"]), pull_image(image, grid, common, disp[j]), common)
-            save_image(os.path.join(tmp, e["displacement"]), disp[j], common, intent="vector")
-        save_image(os.path.join(tmp, "posterior.nii.gz"), posterior, common)
-        segmentation = np.argmax(posterior, axis=-1)
-        save_image(os.path.join(tmp, "segmentation.nii.gz"), segmentation, common,
-                   dtype=_label_dtype(segmentation))
-        _write_json(os.path.join(tmp, TRANSFORMS_JSON), {
-            "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI "
-                          "RAS+) on the common grid",
-            "common_grid": _grid_dict(common),
-            "transforms": entries,
-        })
-        report["timings_s"] = {"load": t1 - t0, "compile_and_run": t2 - t1,
-                               "write": time.perf_counter() - t2}
+        report["timings_s"] = {"load": t1 - t0, "compile_and_run": t2 - t1}
+        _write_group(tmp, group, result, report)
+        report["timings_s"]["write"] = time.perf_counter() - t2
         _write_json(os.path.join(tmp, "report.json"), report)
     return report
+
+
+def _group_dirs(root: str) -> list[tuple[str, list[str]]]:
+    """``[(name, sorted NIfTI paths)]`` of the sub-directories of ``root`` that hold images."""
+    if not os.path.isdir(root):
+        raise ValueError(f"--groups {root}: not a directory")
+    groups = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder):
+            files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                           if f.endswith((".nii", ".nii.gz")))
+            if files:
+                groups.append((name, files))
+    if not groups:
+        raise ValueError(f"--groups {root}: no sub-directory holds NIfTI images")
+    return groups
+
+
+def register_groups(root: str, outdir: str, *, preset: str = "rigid+ffd", reference: int | str = 0,
+                    options: dict | None = None, seed: int = 0, batch: int | None = None,
+                    force: bool = False, quiet: bool = False) -> dict:
+    """Register every group of a directory as one batched job (``jax.vmap`` over the groups).
+
+    Each sub-directory of ``root`` holding NIfTI files is a group (its files in name order). The
+    groups must agree in size ``N``, in the shape of their common grids and in voxel spacing and
+    orientation; their origins may differ, since the registration does not depend on where a grid
+    sits in the world (the transforms act about each grid's centre). Group ``g`` is registered with
+    the key ``fold_in(key(seed), g)``, and its outputs are those of :func:`register_files`, written
+    to ``outdir/<group name>/``; ``outdir/report.json`` summarises the batch. Everything is read and
+    checked before any computation; ``outdir`` appears all at once.
+
+    Args:
+      batch: groups per vmapped call (default: all at once); smaller batches bound the memory.
+    """
+    check_output_path(outdir, force)
+    config, settings = _settings(preset, options, reference, seed)
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    t0 = time.perf_counter()
+    names, groups = [], []
+    for name, files in _group_dirs(root):
+        names.append(name)
+        groups.append(_load_group(files, reference, None))
+    first = groups[0]
+    for name, g in zip(names, groups):
+        if g.images.shape != first.images.shape or not np.allclose(
+                g.common.matrix[:-1, :-1], first.common.matrix[:-1, :-1], atol=1e-5):
+            raise ValueError(
+                f"--groups: group {name!r} ({len(g.paths)} images on {g.common}) differs from group "
+                f"{names[0]!r} ({len(first.paths)} images on {first.common}); a batch needs groups of "
+                "one size on grids of one shape, spacing and orientation")
+    stacked = np.stack([_zscore(g.images) for g in groups])
+    keys = jax.vmap(lambda g: jax.random.fold_in(jax.random.key(seed), g))(jnp.arange(len(groups)))
+    t1 = time.perf_counter()
+
+    run = jax.vmap(lambda images, key: register(images, first.common, config, key=key))
+    size = batch or len(groups)
+    bar = None if quiet else ProgressBar(f"registering {len(groups)} groups")
+    results = []
+    try:
+        for start in range(0, len(groups), size):
+            chunk = jax.block_until_ready(run(stacked[start:start + size], keys[start:start + size]))
+            results += [jax.tree.map(lambda a, b=b: a[b], chunk) for b in range(len(chunk.status))]
+            if bar is not None:
+                bar(min(start + size, len(groups)), len(groups), float(np.mean(chunk.loss_history[:, -1])))
+    finally:
+        if bar is not None:
+            bar.close()
+    t2 = time.perf_counter()
+
+    summary = {**settings, "groups": [], "batch": size,
+               "timings_s": {"load": t1 - t0, "compile_and_run": t2 - t1}}
+    with atomic_output_dir(outdir, force) as tmp:
+        for name, g, result in zip(names, groups, results):
+            os.mkdir(os.path.join(tmp, name))
+            report = {**settings, "mask": None, "group": name}
+            _write_group(os.path.join(tmp, name), g, result, report)
+            _write_json(os.path.join(tmp, name, "report.json"), report)
+            summary["groups"].append({"name": name, "images": len(g.paths), "status": report["status"],
+                                      "final_loss": report["loss_history"][-1]})
+        summary["status"] = max(entry["status"] for entry in summary["groups"])
+        summary["timings_s"]["write"] = time.perf_counter() - t2
+        _write_json(os.path.join(tmp, "report.json"), summary)
+    return summary
 
 
 def _displacement_source(source: str, index: int | None) -> str:
@@ -422,7 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
         "register", help="register a group of NIfTI images",
         description="Register two or more 2D or 3D NIfTI images (any grids) into one common space. "
                     "Options left out take the preset's values.")
-    reg.add_argument("images", nargs="+", metavar="IMAGE", help="input NIfTI images")
+    reg.add_argument("images", nargs="*", metavar="IMAGE", help="input NIfTI images")
+    reg.add_argument("--groups", metavar="DIR",
+                     help="instead of IMAGEs: register every sub-directory of DIR (a group of NIfTI "
+                          "images each; groups of one size and grid shape) as one batched job, "
+                          "outputs in OUTDIR/<sub-directory>/")
+    reg.add_argument("--batch", type=int, metavar="G",
+                     help="with --groups: groups per batched call (default: all)")
     reg.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
     reg.add_argument("--preset", default="rigid+ffd", choices=presets.NAMES)
     reg.add_argument("--reference", type=_reference, default=0, metavar="J|bounds",
@@ -482,6 +601,19 @@ def _cmd_register(args) -> int:
         spacing = spacing[0] if len(spacing) == 1 else tuple(spacing)
     options = {"classes": args.classes, "bins": args.bins, "iterations": args.iterations,
                "levels": args.levels, "spacing": spacing, "lr": args.lr, "bending": args.bending}
+    if args.groups is not None:
+        if args.images or args.mask is not None:
+            raise ValueError("--groups DIR replaces the IMAGEs (and takes no --mask)")
+        summary = register_groups(args.groups, args.output, preset=args.preset,
+                                  reference=args.reference, options=options, seed=args.seed,
+                                  batch=args.batch, force=args.force, quiet=args.quiet)
+        if not args.quiet:
+            t = summary["timings_s"]
+            print(f"registered {len(summary['groups'])} groups into {args.output} (load {t['load']:.1f} s, "
+                  f"compile and run {t['compile_and_run']:.1f} s, write {t['write']:.1f} s)")
+        return 0 if summary["status"] == 0 else 1
+    if args.batch is not None:
+        raise ValueError("--batch applies to --groups only")
     report = register_files(args.images, args.output, preset=args.preset, reference=args.reference,
                             options=options, mask=args.mask, seed=args.seed, force=args.force,
                             quiet=args.quiet)
