@@ -38,6 +38,10 @@ from xjax import evaluate, phantoms, presets
 from xjax.grid import Grid
 from xjax.io import (atomic_output_dir, check_output_path, load_displacement, load_image,
                      load_labels, pull_image, save_image, to_common_space)
+from xjax.io import file_stem as _stem
+from xjax.io import grid_dict as _grid_dict
+from xjax.io import write_json as _write_json
+from xjax.nn import bingo_cli, dcc_cli
 from xjax.progress import ProgressBar
 from xjax.registration import register
 from xjax.validate import check_bins, check_images, check_mask, check_num_classes
@@ -58,25 +62,7 @@ OVERRIDES = {
 TRANSFORMS_JSON = "transforms.json"
 
 
-def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
 
-
-def _grid_dict(grid: Grid) -> dict:
-    return {"shape": list(grid.shape), "affine": [list(r) for r in grid.affine],
-            "spacing_mm": [float(s) for s in grid.spacing]}
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _config(preset: str, options: dict):
@@ -592,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_cmd_demo)
+    dcc_cli.add_parser(commands)
+    bingo_cli.add_parser(commands)
     return parser
 
 

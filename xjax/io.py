@@ -34,6 +34,8 @@ from xjax.interpolate import sample
 __all__ = [
     "atomic_output_dir",
     "check_output_path",
+    "file_stem",
+    "grid_dict",
     "load_displacement",
     "load_image",
     "load_labels",
@@ -41,6 +43,7 @@ __all__ = [
     "same_grid",
     "save_image",
     "to_common_space",
+    "write_json",
 ]
 
 _NIFTI_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
@@ -368,3 +371,29 @@ def atomic_output_dir(path, force: bool) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_stem(path: str) -> str:
+    """The file name without its directory and its ``.nii.gz`` / ``.nii`` (or other) extension."""
+    name = os.path.basename(path)
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def grid_dict(grid: Grid) -> dict:
+    """A grid for JSON reports: shape, 4 x 4 NIfTI affine and spacing in mm."""
+    return {"shape": list(grid.shape), "affine": [list(r) for r in grid.affine],
+            "spacing_mm": [float(s) for s in grid.spacing]}
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically (a temporary file, then a rename)."""
+    import json
+
+    tmp = _sibling(os.path.abspath(path), "tmp", ".json")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
