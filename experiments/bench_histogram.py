@@ -24,8 +24,6 @@ Prints a markdown table and writes it to experiments/results/bench_histogram.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import machine
 from xjax.density import PADDING, bin_positions, bspline3, group_joint_histograms, parzen_taps
 
 
@@ -94,17 +93,6 @@ def dense(u, w, lo, hi, bins):
 FORMULATIONS = {"scatter": scatter, "onehot": onehot, "segment": segment, "dense": dense}
 
 
-def machine() -> str:
-    dev = jax.devices()[0]
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} logical CPUs ({model}), "
-            f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, Python {platform.python_version()}")
-
 
 def bench(name, fn, args, bins, repeats):
     def loss(u, w, lo, hi):
@@ -148,7 +136,7 @@ def main(argv=None):
         f"# Parzen class x intensity histograms: {args.images} images x {args.samples} samples, "
         f"L = {args.bins}, K = {args.classes}, value and gradient",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {machine()}, jaxlib {jax.lib.__version__}",
         f"Command: `python experiments/bench_histogram.py --images {args.images} --samples {args.samples} "
         f"--bins {args.bins} --classes {args.classes} --repeats {args.repeats}`",
         "",

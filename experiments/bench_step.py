@@ -14,8 +14,6 @@ Prints a markdown table and writes it to experiments/results/bench_step.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 
 import xjax
+from common import machine
 from xjax import phantoms
 
 ORIGINAL_S_PER_STEP = {64: 0.41, 192: 1.07}  # the authors' PyTorch code, 2-core CPU (REFERENCE.md)
@@ -53,12 +52,6 @@ def bench(size: int, repeats: int, short: int, long: int, modalities: int = 3):
     return {"size": size, "modalities": modalities, "compile_s": first - np.median(warm), "step_ms": 1e3 * per_step,
             "call_ms": 1e3 * np.median(warm)}
 
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    return (f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} logical CPUs ({cpu}), "
-            f"jax {jax.__version__}, xjax {xjax.__version__}, Python {platform.python_version()}")
 
 
 def main(argv=None):
