@@ -58,6 +58,11 @@ def test_train_then_predict_a_larger_group(tmp_path, capsys):
         assert np.all(np.isfinite(disp.get_fdata()))
         np.testing.assert_allclose(disp.affine, nib.load(images[0]).affine)
     assert nib.load(out / "common_structure.nii.gz").shape == (16, 16, 1, 2)
+    # 'xjax apply' reads the transforms and reproduces a warped output
+    again = tmp_path / "again.nii.gz"
+    assert cli.main(["apply", str(out), "--index", "3", images[3], "-o", str(again)]) == 0
+    stem = Path(images[3]).name[: -len(".nii.gz")]
+    np.testing.assert_array_equal(nib.load(again).get_fdata(), nib.load(out / f"warped_3_{stem}.nii.gz").get_fdata())
     assert cli.main(["bingo", "predict", str(weights), images[0], "--modalities", "Z",
                      "-o", str(tmp_path / "bad")]) == 2
     assert "not among the trained" in capsys.readouterr().err

@@ -36,9 +36,8 @@ import numpy as np
 
 from xjax import evaluate, phantoms, presets
 from xjax.grid import Grid
-from xjax.io import (atomic_output_dir, check_output_path, load_displacement, load_image,
-                     load_labels, pull_image, save_image, to_common_space)
-from xjax.io import file_stem as _stem
+from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load_displacement,
+                     load_image, load_labels, pull_image, save_image, to_common_space, write_transforms)
 from xjax.io import grid_dict as _grid_dict
 from xjax.io import write_json as _write_json
 from xjax.nn import bingo_cli, dcc_cli
@@ -58,9 +57,6 @@ OVERRIDES = {
     "lr": "learning_rate",
     "bending": "bending",
 }
-
-TRANSFORMS_JSON = "transforms.json"
-
 
 
 
@@ -139,11 +135,9 @@ def _write_group(tmp: str, group: _Group, result, report: dict) -> None:
     """Write one group's outputs into the directory ``tmp``: warped inputs, displacements,
     posterior and segmentation, and ``transforms.json``; ``report`` is completed with the inputs,
     outputs, status, loss history and ``pi`` (the caller writes it)."""
-    disp = np.asarray(result.displacements, np.float32)
     posterior = np.asarray(result.posterior, np.float32)
     common = group.common
-    entries = [{"index": j, "input": p, "displacement": f"displacement_{j}_{_stem(p)}.nii.gz",
-                "warped": f"warped_{j}_{_stem(p)}.nii.gz"} for j, p in enumerate(group.paths)]
+    entries = write_transforms(tmp, group.paths, group.loaded, common, result.displacements)
     report.update({
         "inputs": [{"path": p, "grid": _grid_dict(g)} for p, (_, g) in zip(group.paths, group.loaded)],
         "common_grid": _grid_dict(common),
@@ -152,19 +146,10 @@ def _write_group(tmp: str, group: _Group, result, report: dict) -> None:
         "loss_history": [float(v) for v in np.asarray(result.loss_history)],
         "pi": [float(v) for v in np.asarray(result.pi)],
     })
-    for j, ((image, grid), e) in enumerate(zip(group.loaded, entries)):
-        save_image(os.path.join(tmp, e["warped"]), pull_image(image, grid, common, disp[j]), common)
-        save_image(os.path.join(tmp, e["displacement"]), disp[j], common, intent="vector")
     save_image(os.path.join(tmp, "posterior.nii.gz"), posterior, common)
     segmentation = np.argmax(posterior, axis=-1)
     save_image(os.path.join(tmp, "segmentation.nii.gz"), segmentation, common,
                dtype=_label_dtype(segmentation))
-    _write_json(os.path.join(tmp, TRANSFORMS_JSON), {
-        "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI "
-                      "RAS+) on the common grid",
-        "common_grid": _grid_dict(common),
-        "transforms": entries,
-    })
 
 
 def _settings(preset: str, options: dict | None, reference, seed: int):

@@ -44,6 +44,7 @@ __all__ = [
     "save_image",
     "to_common_space",
     "write_json",
+    "write_transforms",
 ]
 
 _NIFTI_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
@@ -397,3 +398,33 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+#: the file listing an output directory's transforms (read by ``xjax apply``)
+TRANSFORMS_JSON = "transforms.json"
+
+
+def write_transforms(outdir: str, paths: Sequence[str], loaded: Sequence[tuple[np.ndarray, Grid]],
+                     common: Grid, displacements) -> list[dict]:
+    """Write a group's transforms into the directory ``outdir``: for input ``j`` (path
+    ``paths[j]``, array and grid ``loaded[j]``), ``warped_{j}_{stem}.nii.gz`` (the input sampled once,
+    from its own grid, at ``x + u_j(x)`` on ``common``) and ``displacement_{j}_{stem}.nii.gz``
+    (``u_j`` ``(*common.shape, D)`` in world mm, a NIfTI vector image), and ``transforms.json``
+    listing them.
+
+    Returns:
+      The entries of ``transforms.json``: ``{"index", "input", "displacement", "warped"}`` per input.
+    """
+    disp = np.asarray(displacements, np.float32)
+    entries = [{"index": j, "input": os.path.abspath(p), "displacement": f"displacement_{j}_{file_stem(p)}.nii.gz",
+                "warped": f"warped_{j}_{file_stem(p)}.nii.gz"} for j, p in enumerate(paths)]
+    for j, ((image, grid), e) in enumerate(zip(loaded, entries)):
+        save_image(os.path.join(outdir, e["warped"]), pull_image(image, grid, common, disp[j]), common)
+        save_image(os.path.join(outdir, e["displacement"]), disp[j], common, intent="vector")
+    write_json(os.path.join(outdir, TRANSFORMS_JSON), {
+        "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI RAS+) on "
+                      "the common grid",
+        "common_grid": grid_dict(common),
+        "transforms": entries,
+    })
+    return entries

@@ -14,8 +14,8 @@ Intensities go to [0, 1] by each image's 0.5 / 99.5 percentiles. Training resume
 ``xjax bingo predict WEIGHTS IMAGE... --modalities NAME... -o OUTDIR`` registers the images (any
 number, any mix of the trained modalities) in chunks of ``--chunk``, on the grid of the first
 image, and writes per image the warped image and the displacement (world mm, pull, NIfTI vector
-image), the common structure (mean of ``q(z^L | x, v)``, channels as volumes) and
-``report.json``.
+image) with ``transforms.json`` (readable by ``xjax apply``), the common structure (mean of
+``q(z^L | x, v)``, channels as volumes) and ``report.json``.
 
 Flax and the network modules are imported when a command runs, not when the parser is built.
 """
@@ -26,8 +26,7 @@ import json
 import os
 import time
 
-from xjax.io import file_stem as _stem
-from xjax.io import write_json
+from xjax.io import grid_dict, write_json, write_transforms
 
 __all__ = ["add_parser", "run", "load_manifest", "train_files", "predict_files"]
 
@@ -108,8 +107,7 @@ def predict_files(weights, images, modalities, outdir, *, chunk=64, force=False)
     """Register ``images`` (NIfTI paths) with the model in ``weights``; write into ``outdir``."""
     import numpy as np
 
-    from xjax.io import (atomic_output_dir, check_output_path, load_image, pull_image, save_image,
-                         to_common_space)
+    from xjax.io import atomic_output_dir, check_output_path, load_image, save_image, to_common_space
     from xjax.nn import bingo
     from xjax.nn.bingo_train import load_model, normalise
 
@@ -132,18 +130,13 @@ def predict_files(weights, images, modalities, outdir, *, chunk=64, force=False)
     displacement = np.asarray(reg.displacement)
     seconds = time.perf_counter() - start
     with atomic_output_dir(outdir, force) as tmp:
-        for j, (path, (image, g)) in enumerate(zip(images, loaded)):
-            stem = _stem(path)
-            save_image(os.path.join(tmp, f"warped_{j}_{stem}.nii.gz"),
-                       pull_image(image, g, grid, displacement[j]), grid)
-            save_image(os.path.join(tmp, f"displacement_{j}_{stem}.nii.gz"), displacement[j], grid,
-                       intent="vector")
+        write_transforms(tmp, images, loaded, grid, displacement)
         common = np.asarray(reg.common[-1])
         if common.shape[:-1] == grid.shape:
             save_image(os.path.join(tmp, "common_structure.nii.gz"), common, grid)
         report = {"inputs": [os.path.abspath(p) for p in images], "modalities": list(modalities),
                   "weights": os.path.abspath(weights), "chunk": chunk,
-                  "grid": {"shape": list(grid.shape), "affine": [list(r) for r in grid.affine]},
+                  "grid": grid_dict(grid),
                   "register_seconds": seconds}
         write_json(os.path.join(tmp, "report.json"), report)
     return report

@@ -121,7 +121,7 @@ def predict_files(weights, paths, outdir, *, force=False, quiet=False) -> dict:
     import numpy as np
     from flax import nnx
 
-    from xjax.io import atomic_output_dir, check_output_path, load_image, pull_image, save_image, to_common_space
+    from xjax.io import atomic_output_dir, check_output_path, load_image, save_image, to_common_space, write_transforms
     from xjax.nn import dcc, dcc_train
 
     paths = [os.path.abspath(p) for p in paths]
@@ -144,29 +144,21 @@ def predict_files(weights, paths, outdir, *, force=False, quiet=False) -> dict:
     pred = jax.block_until_ready(predict(state, dcc.normalise(group), jnp.arange(n), jnp.asarray(info["labelled"]),
                                          prior if info["strategy"] == "DCC+AT" else uniform))
     t1 = time.perf_counter()
-    disp = np.asarray(dcc.displacement_to_mm(pred.displacement, common), np.float32)
-    stems = [_stem(p) for p in paths]
-    entries = [{"index": j, "input": p, "displacement": f"displacement_{j}_{s}.nii.gz",
-                "warped": f"warped_{j}_{s}.nii.gz", "probabilities": f"probabilities_{j}_{s}.nii.gz"}
-               for j, (p, s) in enumerate(zip(paths, stems))]
+    disp = dcc.displacement_to_mm(pred.displacement, common)
     report = {"weights": os.path.abspath(weights), "strategy": info["strategy"], "modalities": info["modalities"],
               "inputs": [{"path": p, "grid": _grid_dict(g)} for p, (_, g) in zip(paths, loaded)],
-              "common_grid": _grid_dict(common), "outputs": entries,
+              "common_grid": _grid_dict(common),
               "pi_posterior": [float(v) for v in np.asarray(pred.posterior).reshape(-1, num_classes).mean(0)],
               "versions": {"xjax": importlib.metadata.version("xjax"), "jax": jax.__version__},
               "device": str(jax.devices()[0])}
     with atomic_output_dir(outdir, force) as tmp:
-        for j, ((image, grid), e) in enumerate(zip(loaded, entries)):
-            save_image(os.path.join(tmp, e["warped"]), pull_image(image, grid, common, disp[j]), common)
-            save_image(os.path.join(tmp, e["displacement"]), disp[j], common, intent="vector")
+        entries = write_transforms(tmp, paths, loaded, common, disp)
+        for j, e in enumerate(entries):
+            e["probabilities"] = f"probabilities_{j}_{_stem(e['input'])}.nii.gz"
             save_image(os.path.join(tmp, e["probabilities"]), np.asarray(pred.probs[j], np.float32), common)
         save_image(os.path.join(tmp, "posterior.nii.gz"), np.asarray(pred.posterior, np.float32), common)
         save_image(os.path.join(tmp, "segmentation.nii.gz"), np.asarray(pred.segmentation), common, dtype=np.int16)
-        _write_json(os.path.join(tmp, "transforms.json"), {
-            "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI RAS+) on the "
-                          "common grid",
-            "common_grid": _grid_dict(common),
-            "transforms": [{k: e[k] for k in ("index", "input", "displacement", "warped")} for e in entries]})
+        report["outputs"] = entries
         report["timings_s"] = {"load_and_predict": t1 - t0, "write": time.perf_counter() - t1}
         _write_json(os.path.join(tmp, "report.json"), report)
     if not quiet:
