@@ -70,7 +70,7 @@ def main(argv=None):
         "",
         f"Machine: {machine()}",
         f"Command: `python experiments/bench_step.py --sizes {' '.join(map(str, args.sizes))} "
-        f"--repeats {args.repeats} --modalities {args.modalities}`",
+        f"--repeats {args.repeats} --modalities {args.modalities} --short {args.short} --long {args.long}`",
         "",
         "| image size | xjax ms / step (median) | original s / step | speed-up | compile s |",
         "|---|---|---|---|---|",

@@ -9,10 +9,11 @@ are reported by an ``inside`` weight, so that callers can build overlap masks (E
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax.numpy as jnp
 
-__all__ = ["sample", "sample_clamped", "sample_inside", "sample_world"]
+__all__ = ["sample", "sample_clamped", "sample_inside", "sample_stack_inside", "sample_world"]
 
 
 def _flat_index(idx, shape):
@@ -65,6 +66,44 @@ def sample_inside(image, index_points, *, order: int = 1, fill: float = 0.0):
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     mask = inside[..., None] if channels else inside
     vals = jnp.where(mask, vals, jnp.asarray(fill, vals.dtype))
+    return vals, inside.astype(vals.dtype)
+
+
+def sample_stack_inside(images, index_points):
+    """Linear interpolation of a stack of images, each at its own points: ``(values, inside)``.
+
+    The same values as ``jax.vmap(sample_inside)(images, index_points)``, computed as one gather
+    into the flattened stack (image ``j``'s flat indices offset by ``j`` times its size): XLA:CPU
+    runs that several times faster than the batched gather ``vmap`` produces.
+
+    Args:
+      images: ``(N, *spatial)`` scalar images.
+      index_points: ``(N, ..., D)`` continuous voxel indices, one set per image.
+    Returns:
+      ``values`` and ``inside``, each ``(N, ...)``, as :func:`sample_inside` (fill 0).
+    """
+    n, spatial = images.shape[0], images.shape[1:]
+    d = index_points.shape[-1]
+    if len(spatial) != d or index_points.shape[0] != n:
+        raise ValueError(f"images {images.shape} do not match index points {index_points.shape}")
+    upper = jnp.asarray(spatial, index_points.dtype) - 1
+    inside = jnp.all((index_points >= 0) & (index_points <= upper), axis=-1)
+    p = jnp.clip(index_points, 0, upper)
+    lo = jnp.clip(jnp.floor(p), 0, jnp.maximum(upper - 1, 0))
+    frac = p - lo
+    base = _flat_index(lo.astype(jnp.int32), spatial)
+    size = math.prod(spatial)
+    base = base + (jnp.arange(n, dtype=jnp.int32) * size).reshape((n,) + (1,) * (base.ndim - 1))
+    flat = images.reshape(-1)
+    strides = [math.prod(spatial[a + 1:]) for a in range(d)]
+    vals = 0.0
+    for corner in itertools.product((0, 1), repeat=d):
+        # a corner beyond a size-1 axis reads the same voxel (its weight is then 0 or the voxel is
+        # the only one): clamp the offset to stay inside the image
+        step = sum(c * s for c, s, m in zip(corner, strides, spatial) if m > 1)
+        w = math.prod(frac[..., a] if c else 1.0 - frac[..., a] for a, c in enumerate(corner))
+        vals = vals + w * flat[base + step]
+    vals = jnp.where(inside, vals, jnp.zeros((), vals.dtype))
     return vals, inside.astype(vals.dtype)
 
 

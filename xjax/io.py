@@ -17,6 +17,7 @@ half-written.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import secrets
@@ -418,9 +419,15 @@ def write_transforms(outdir: str, paths: Sequence[str], loaded: Sequence[tuple[n
     disp = np.asarray(displacements, np.float32)
     entries = [{"index": j, "input": os.path.abspath(p), "displacement": f"displacement_{j}_{file_stem(p)}.nii.gz",
                 "warped": f"warped_{j}_{file_stem(p)}.nii.gz"} for j, p in enumerate(paths)]
-    for j, ((image, grid), e) in enumerate(zip(loaded, entries)):
+
+    def write(j):
+        (image, grid), e = loaded[j], entries[j]
         save_image(os.path.join(outdir, e["warped"]), pull_image(image, grid, common, disp[j]), common)
         save_image(os.path.join(outdir, e["displacement"]), disp[j], common, intent="vector")
+
+    # one thread per core: gzip compression, the bulk of the time, releases the GIL
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(write, range(len(entries))))
     write_json(os.path.join(outdir, TRANSFORMS_JSON), {
         "convention": "pull: warped_j(x) = input_j(x + u_j(x)); x and u_j in world mm (NIfTI RAS+) on "
                       "the common grid",

@@ -31,7 +31,7 @@ from xjax import random as xrandom
 from xjax import validate
 from xjax.em import appearance_from_labels
 from xjax.grid import Grid, apply_linear
-from xjax.interpolate import sample, sample_inside
+from xjax.interpolate import sample, sample_stack_inside
 from xjax.metrics import FORMS
 from xjax.objectives import Objective, XMetric
 from xjax.transforms import Transform, chain_displacement
@@ -212,10 +212,18 @@ class _Level(NamedTuple):
     total_steps: int
 
 
+class _Draw(NamedTuple):
+    """One step's random sample: voxel indices ``(S,)`` and the jitter offsets ``(S, D)`` in mm."""
+
+    index: jax.Array
+    offset: jax.Array
+
+
 class _Carry(NamedTuple):
     params: Any
     opt_state: Any
     state: Any  # the objective's state
+    draw: _Draw  # this step's sample, drawn at the end of the previous step (see _run_level)
 
 
 TRACES = {"level": 0}  # incremented when a (stage, level) loop is traced; tests count compiles
@@ -257,7 +265,7 @@ def _displacements(spec: Transform, frozen: tuple, frozen_params, params, grid: 
 
 def _warp_group(images, grid: Grid, points):
     """Pull ``(N, *spatial)`` images at world points ``(N, M, D)``: values and inside flags."""
-    return jax.vmap(lambda im, p: sample_inside(im, grid.world_to_index(p)))(images, points)
+    return sample_stack_inside(images, grid.world_to_index(points))
 
 
 def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state, seed, offset):
@@ -270,35 +278,41 @@ def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state
     spec, objective = stage.transform, level.objective
     tx = _optimizer(stage)
 
-    def loss_fn(params, state, step_seed):
+    def draw(step_seed) -> _Draw:
+        # Drawn one step ahead and carried through the loop, so the sample is materialised once:
+        # drawn inside the step, XLA:CPU fuses the hash into every gather that reads the sample
+        # and recomputes it per element (about half of a step's time on a 10 x 256^2 group).
+        idx = xrandom.randint(step_seed, (samples,), v)
+        offset = jnp.zeros((samples, d), x.dtype)
+        if stage.jitter > 0:
+            offset = stage.jitter * (2.0 * xrandom.uniform(xrandom.fold(step_seed, 1), (samples, d), x.dtype) - 1.0)
+            offset = apply_linear(offset, jnp.asarray(grid.matrix[:d, :d], x.dtype))
+        return _Draw(idx, offset)
+
+    def loss_fn(params, state, sample: _Draw):
         eff = _effective(level, params)
         u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
         points = x[None] + u
         warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
         weights = mask * jnp.prod(inside, axis=0)
-        idx = xrandom.randint(step_seed, (samples,), v)
+        idx = sample.index
         state = objective.update(jax.lax.stop_gradient(state), warped, weights, lo, hi, stage.bins, idx)
-        sample_points = points[:, idx]
-        if stage.jitter > 0:
-            offset = stage.jitter * (2.0 * xrandom.uniform(xrandom.fold(step_seed, 1), (samples, d)) - 1.0)
-            sample_points = sample_points + apply_linear(offset.astype(x.dtype), jnp.asarray(grid.matrix[:d, :d], x.dtype))
-        values, _ = _warp_group(images, grid, sample_points)
+        values, _ = _warp_group(images, grid, points[:, idx] + sample.offset)
         loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
         if stage.bending > 0:
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
         return loss, state
 
     def step(carry: _Carry, i):
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            carry.params, carry.state, xrandom.fold(seed, i))
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(carry.params, carry.state, carry.draw)
         updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)
         if level.progress is not None:
             total = level.total_steps
             jax.debug.callback(lambda s, l: level.progress(int(s), total, float(l)), offset + i + 1, loss)
-        return _Carry(params, opt_state, state), loss
+        return _Carry(params, opt_state, state, draw(xrandom.fold(seed, i + 1))), loss
 
-    carry = _Carry(params, tx.init(params), state)
+    carry = _Carry(params, tx.init(params), state, draw(xrandom.fold(seed, 0)))
     carry, losses = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
     return carry.params, carry.state, losses
 
