@@ -61,6 +61,20 @@ def test_stack_sampling_matches_the_reference_per_image(x64, shape):
     np.testing.assert_allclose(g_stack, g_vmap, rtol=1e-12, atol=1e-12)
 
 
+def test_stack_sampling_beyond_int32_indices_samples_image_by_image(x64, monkeypatch):
+    """A stack too large for int32 flat indices takes the per-image path, with the same values."""
+    import xjax.interpolate as interpolate
+
+    rng = np.random.default_rng(4)
+    images = jnp.asarray(rng.normal(size=(3, 6, 5)))
+    points = jnp.asarray(rng.uniform(-0.5, 5.5, size=(3, 20, 2)))
+    flat = sample_stack_inside(images, points)
+    monkeypatch.setattr(interpolate, "_MAX_FLAT_INDEX", 3 * 6 * 5)
+    per_image = sample_stack_inside(images, points)
+    for a, b in zip(flat, per_image):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_integer_points_are_exact_and_nearest_rounds():
     image = jnp.arange(20.0).reshape(4, 5)
     idx = jnp.stack(jnp.meshgrid(jnp.arange(4.0), jnp.arange(5.0), indexing="ij"), -1)

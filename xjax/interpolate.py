@@ -11,9 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 
 __all__ = ["sample", "sample_clamped", "sample_inside", "sample_stack_inside", "sample_world"]
+
+
+#: Flat indices are int32: a stack of this many voxels or more is sampled image by image.
+_MAX_FLAT_INDEX = 2**31
 
 
 def _flat_index(idx, shape):
@@ -73,8 +78,10 @@ def sample_stack_inside(images, index_points):
     """Linear interpolation of a stack of images, each at its own points: ``(values, inside)``.
 
     The same values as ``jax.vmap(sample_inside)(images, index_points)``, computed as one gather
-    into the flattened stack (image ``j``'s flat indices offset by ``j`` times its size): XLA:CPU
-    runs that several times faster than the batched gather ``vmap`` produces.
+    into the flattened stack (image ``j``'s flat indices offset by ``j`` times its size): on a
+    group of ten 256 x 256 images XLA:CPU runs it about 1.5 times faster than the batched gather
+    that ``vmap`` produces. Stacks of ``2**31`` voxels or more (beyond int32 indices) take the
+    ``vmap``.
 
     Args:
       images: ``(N, *spatial)`` scalar images.
@@ -86,20 +93,22 @@ def sample_stack_inside(images, index_points):
     d = index_points.shape[-1]
     if len(spatial) != d or index_points.shape[0] != n:
         raise ValueError(f"images {images.shape} do not match index points {index_points.shape}")
+    size = math.prod(spatial)
+    if n * size >= _MAX_FLAT_INDEX:
+        return jax.vmap(sample_inside)(images, index_points)
     upper = jnp.asarray(spatial, index_points.dtype) - 1
     inside = jnp.all((index_points >= 0) & (index_points <= upper), axis=-1)
     p = jnp.clip(index_points, 0, upper)
     lo = jnp.clip(jnp.floor(p), 0, jnp.maximum(upper - 1, 0))
     frac = p - lo
     base = _flat_index(lo.astype(jnp.int32), spatial)
-    size = math.prod(spatial)
     base = base + (jnp.arange(n, dtype=jnp.int32) * size).reshape((n,) + (1,) * (base.ndim - 1))
     flat = images.reshape(-1)
     strides = [math.prod(spatial[a + 1:]) for a in range(d)]
     vals = 0.0
     for corner in itertools.product((0, 1), repeat=d):
-        # a corner beyond a size-1 axis reads the same voxel (its weight is then 0 or the voxel is
-        # the only one): clamp the offset to stay inside the image
+        # along an axis of size 1 the far corner has weight 0 (frac is 0 there): read the near
+        # voxel instead of stepping outside the image
         step = sum(c * s for c, s, m in zip(corner, strides, spatial) if m > 1)
         w = math.prod(frac[..., a] if c else 1.0 - frac[..., a] for a, c in enumerate(corner))
         vals = vals + w * flat[base + step]
