@@ -289,15 +289,15 @@ def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state
             offset = apply_linear(offset, jnp.asarray(grid.matrix[:d, :d], x.dtype))
         return _Draw(idx, offset)
 
-    def loss_fn(params, state, sample: _Draw):
+    def loss_fn(params, state, drawn: _Draw):
         eff = _effective(level, params)
         u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
         points = x[None] + u
         warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
         weights = mask * jnp.prod(inside, axis=0)
-        idx = sample.index
+        idx = drawn.index
         state = objective.update(jax.lax.stop_gradient(state), warped, weights, lo, hi, stage.bins, idx)
-        values, _ = _warp_group(images, grid, points[:, idx] + sample.offset)
+        values, _ = _warp_group(images, grid, points[:, idx] + drawn.offset)
         loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
         if stage.bending > 0:
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
