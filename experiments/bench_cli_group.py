@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 import xjax
+from common import write_text
 from xjax import evaluate, io, phantoms
 
 
@@ -100,8 +101,7 @@ def main(argv=None):
         "each first run starts from an empty one, and the cached runs reuse the programs it stored.",
     ]) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import machine
+from common import machine, write_text
 from xjax.density import PADDING, bin_positions, bspline3, group_joint_histograms, parzen_taps
 
 
@@ -149,8 +149,7 @@ def main(argv=None):
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

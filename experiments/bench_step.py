@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import xjax
-from common import machine
+from common import machine, write_text
 from xjax import phantoms
 
 ORIGINAL_S_PER_STEP = {64: 0.41, 192: 1.07}  # the authors' PyTorch code, 2-core CPU (REFERENCE.md)
@@ -84,8 +84,7 @@ def main(argv=None):
               "xjax's on the machine above, in the same session, medians of the repeats."]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -116,14 +116,20 @@ def command(script: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python", f"experiments/{script}"] + [shlex.quote(a) for a in args])
 
 
+def write_text(path: Path, text: str) -> str:
+    """Write ``text`` to ``path``, creating its directory. Returns the text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
 def write_report(path: Path, title: str, cmd: str, protocol: str, sections: Sequence[str]) -> str:
     """Write ``path`` (markdown): title, command, machine, how the run differs from the paper's
     protocol, then the sections. Returns the text."""
     text = "\n\n".join([f"# {title}", f"Command: `{cmd}`", f"Machine: {machine()}",
                         f"Protocol: {protocol}", *sections]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
+    return write_text(path, text)
 
 
 def box_plot(path: Path, groups: Mapping[str, Sequence[float]], ylabel: str, title: str) -> None:
