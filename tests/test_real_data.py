@@ -13,6 +13,7 @@
 Images are arrays indexed ``(x, y)`` (a PNG's column is ``x``); references are float64 numpy.
 """
 
+import dataclasses
 import itertools
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 import xjax
-from xjax import evaluate, io, phantoms
+from xjax import baselines, evaluate, io, phantoms
 from conftest import DATA, need
 
 pytestmark = pytest.mark.data
@@ -327,3 +328,32 @@ def test_spm12_t1_t2_pd_random_ffds_registration_improves(spm_ffd):
     jac = [[(c == a) + du[c][a] / spacing[a] for a in range(2)] for c in range(2)]
     det = jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
     assert det.min() > 0.0
+
+
+def test_spm12_cte_ffd_registration_reduces_misalignment():
+    """CTE (template: first principal component of the warped group) drives unbiased FFD
+    registration of the skull-stripped T1 / T2 / PD slice, block-subsampled to 4 mm, towards
+    alignment under three random two-level FFDs: the gWI falls by more than a third on average.
+    The template depends on the warped images and the gradient runs through it; a template held
+    fixed within each step moves the images away from alignment here (mean ratio about 0.9)."""
+    slices = [spm_slice(f"canonical/avg152{name}.nii") for name in ("T1", "T2", "PD")]
+    tissues = [spm_slice(f"toolbox/OldSeg/{t}.nii")[0] for t in ("grey", "white", "csf")]
+    a = slices[0][1].matrix
+    grid = xjax.Grid((46, 55), a[np.ix_([0, 1, 3], [0, 1, 3])] @ np.diag([2.0, 2.0, 1.0]))
+    foreground = (sum(tissues) > 0.5)[::2, ::2]
+    images = jnp.asarray(np.stack([s[0][::2, ::2] * foreground for s in slices]), jnp.float32)
+    config = dataclasses.replace(
+        xjax.presets.ffd(spacing=(48.0,), iterations=100, levels=1, learning_rate=0.1, bins=32,
+                         sample_rate=0.5), objective=baselines.CTE())
+    run = jax.jit(lambda moved, key: xjax.register(moved, grid, config, key=key))
+    ratios = []
+    for case in range(3):
+        truth = phantoms.random_ffd(jax.random.key(10 + case), grid, 3, spacing=(48.0, 24.0),
+                                    magnitude=(8.0, 4.0))
+        moved = phantoms.warp(images, grid, truth)
+        moved = (moved - moved.mean(axis=(1, 2), keepdims=True)) / moved.std(axis=(1, 2), keepdims=True)
+        res = run(moved, jax.random.key(case))
+        assert int(res.status) == 0
+        before = float(evaluate.gwi(truth, jnp.zeros_like(truth), grid, foreground))
+        ratios.append(float(evaluate.gwi(truth, res.displacements, grid, foreground)) / before)
+    assert np.mean(ratios) < 2 / 3, ratios
