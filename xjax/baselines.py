@@ -97,6 +97,30 @@ class APE(Objective):
 
 # ---- CTE ------------------------------------------------------------------------------------------
 
+@jax.custom_jvp
+def _leading_eigenvector(c):
+    """The unit eigenvector ``(N,)`` of the largest eigenvalue of a symmetric ``(N, N)`` matrix.
+
+    Its derivative is first-order perturbation theory, ``de = sum_{i: l_i < l_1} v_i v_i^T dC e /
+    (l_1 - l_i)``: only the gaps to the largest eigenvalue ``l_1`` enter. (The derivative of
+    :func:`jax.numpy.linalg.eigh` divides by every pairwise gap and is not finite as soon as two
+    minor eigenvalues coincide, as they nearly do for the frames of a series.) Components along
+    eigenvalues tied with ``l_1``, where ``e`` is not differentiable, are left out.
+    """
+    return jnp.linalg.eigh(c)[1][:, -1]
+
+
+@_leading_eigenvector.defjvp
+def _leading_eigenvector_jvp(primals, tangents):
+    (c,), (dc,) = primals, tangents
+    values, vectors = jnp.linalg.eigh(c)
+    e = vectors[:, -1]
+    gap = values[-1] - values
+    inverse = jnp.where(gap > 0, 1.0 / jnp.where(gap > 0, gap, 1.0), 0.0)
+    de = vectors @ (inverse * (vectors.T @ (0.5 * (dc + dc.T) @ e)))
+    return e, de
+
+
 def _pca_template(values, weights):
     """The first principal component ``(S,)`` of the z-scored rows of ``values`` ``(N, S)``.
 
@@ -104,14 +128,13 @@ def _pca_template(values, weights):
     ``(S,)``; with ``C`` the ``(N, N)`` weighted correlation matrix of the z-scores ``z`` and ``e``
     its leading unit eigenvector, ``T = e^T z``. The sign of ``e`` makes ``T`` correlate positively
     with the mean z-score (their covariance is ``lambda_max sum_i e_i / N``). Differentiable with
-    respect to ``values`` wherever the two largest eigenvalues of ``C`` differ.
+    respect to ``values`` wherever the largest eigenvalue of ``C`` is simple.
     """
     w = weights / jnp.maximum(jnp.sum(weights), _TINY)
     centred = values - (values @ w)[:, None]
     std = jnp.sqrt((centred**2) @ w)
     z = centred / jnp.where(std > 0, std, 1.0)[:, None]
-    _, vectors = jnp.linalg.eigh((z * w) @ z.T)
-    e = vectors[:, -1]
+    e = _leading_eigenvector((z * w) @ z.T)
     return jnp.where(jnp.sum(e) < 0, -e, e) @ z
 
 
