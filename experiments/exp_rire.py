@@ -163,8 +163,9 @@ def main(argv=None) -> int:
         f"{args.cases} random rigid misalignments per group (angles U[-15, 15] deg, translations "
         f"U[-20, 20] mm); translation {args.translation_steps} steps x {args.translation_levels} levels, "
         f"then rigid {args.rigid_steps} steps x {args.rigid_levels} levels; sample rate {args.sample_rate}; "
-        f"K = {args.k}. spm12 templates block-averaged by {args.spm12_step}, BraTS by {args.brats_step}. "
-        "The paper uses RIRE's 8 CT/PET/MR images (1 x 1 x 4 mm, 50 cases) registered to CT by fiducials; "
+        f"K = {args.k}. " + ", ".join(
+            f"{g} block-averaged by {args.spm12_step if g == 'spm12' else args.brats_step}" for g in args.groups)
+        + ". The paper uses RIRE's 8 CT/PET/MR images (1 x 1 x 4 mm, 50 cases) registered to CT by fiducials; "
         "RIRE is not among our data, so the spm12 templates (6 modalities) and the BraTS case (4 "
         "sequences) stand in. Time ratios are wall-time ratios on a CPU shared with other jobs; memory "
         "ratios compare XLA's planned working memory (the paper reports GPU memory).")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from typing import Self
 
 import jax.numpy as jnp
@@ -123,21 +122,31 @@ class BSplineFFD(Transform):
         return {"coefficients": jnp.zeros(self.mesh.shape + (d,), jnp.float32)}
 
     def _evaluate(self, coefficients, points):
-        """``u`` at arbitrary world points ``(..., D)`` by a gather over the 4**D supporting
-        control points (a loop over the static offsets)."""
+        """``u`` at arbitrary world points ``(..., D)`` from the ``4**D`` supporting control points.
+
+        Four gathers, one per tap along the first axis, each of the ``4**(D-1)`` taps of the
+        other axes at once, weighted by the tensor product of their 1D weights. (A gather per tap
+        makes XLA keep ``4**D`` gradient intermediates: on three 46 x 55 x 46 point sets that was
+        3.4 GB and 7x the time of value and gradient.)
+        """
         d = self.ndim
         t = apply_affine(np.linalg.inv(self.mesh.matrix), points)
         k = jnp.asarray(self.mesh.shape, t.dtype)
         first, u = _clamped_split(t, k, jnp)
-        first = first.astype(jnp.int32)
         weights = _cubic_weights(u, jnp)  # (..., D, 4)
-        flat = coefficients.reshape(-1, d)
         strides = np.cumprod((1,) + self.mesh.shape[:0:-1])[::-1]  # row-major strides
+        base = jnp.sum(first.astype(jnp.int32) * jnp.asarray(strides, jnp.int32), axis=-1)
+        # The other axes' taps, the last fastest: flat offsets and tensor-product weights.
+        offsets = np.array([sum(int(o) * int(stride) for o, stride in zip(tap, strides[1:]))
+                            for tap in itertools.product(range(4), repeat=d - 1)], np.int32)
+        w_rest = weights[..., 1, :]
+        for a in range(2, d):
+            w_rest = (w_rest[..., :, None] * weights[..., a, None, :]).reshape(w_rest.shape[:-1] + (-1,))
+        flat = coefficients.reshape(-1, d)
         out = 0.0
-        for offset in itertools.product(range(4), repeat=d):
-            index = sum((first[..., a] + offset[a]) * int(strides[a]) for a in range(d))
-            w = math.prod(weights[..., a, offset[a]] for a in range(d))
-            out = out + w[..., None] * flat[index]
+        for i in range(4):
+            taps = flat[(base + i * int(strides[0]))[..., None] + offsets]  # (..., 4**(D-1), D)
+            out = out + weights[..., 0, i, None] * jnp.einsum("...t,...tc->...c", w_rest, taps)
         return out
 
     def map_points(self, params: Params, points):
