@@ -39,6 +39,7 @@ import numpy as np
 import common
 import xjax
 from xjax import Config, Stage, baselines, evaluate, phantoms
+from xjax.registration import STATUS
 from xjax.transforms import BSplineFFD, Rigid, Translation
 from xjax.transforms.linear import rotation_matrix
 
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
         np.zeros((args.frames, 64, WIDTH), np.float32), grid, config(model, method, args.steps, args.levels, args.sample_rate))[0]
         for model in args.models for method in args.methods}
     scores = {key: [] for key in [("none", "None")] + list(runs)}
+    failures = {key: [] for key in runs}  # status codes of the failed runs
     example = None
     for series in args.series:
         frames, labels = load_series(args.data, series, args.frames)
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
                 res = run(moved, jax.random.key(draw))
                 value = measures(labels_moved, truth, res.displacements, grid, box)
                 scores[(model, method)].append(value if int(res.status) == 0 else (np.nan,) * 3)
+                if int(res.status) != 0:
+                    failures[(model, method)].append(int(res.status))
                 if example is None and (model, method) == list(runs)[-1]:
                     example = {"misaligned (z-scored)": moved[:6], f"{method}, {model}": res.warped[:6]}
             print(f"series {series} draw {draw}: " + ", ".join(
@@ -186,9 +190,13 @@ def main(argv=None) -> int:
         "mask per series (pixel taken as 1 mm) and synthetic motion, so the truth is known. p-values: "
         "paired t-test against X-CoReg with the same transform model (for 'None': against X-CoReg "
         "with the first model).")
+    failed = [f"{method}/{model}: {len(codes)} of {len(scores[(model, method)])} ("
+              + "; ".join(f"{codes.count(c)} x status {c}, {STATUS[c]}" for c in sorted(set(codes))) + ")"
+              for (model, method), codes in failures.items() if codes]
     sections = ["## Dice of propagated masks and residual motion (mean ± std over series x draws)",
                 common.markdown_table(["model", "method", "Dice LV", "p", "Dice RV", "p",
                                        "residual gWI (mm)", "p"], rows),
+                "Failed runs (left out of the means): " + ("; ".join(failed) if failed else "none") + ".",
                 "Box plot: `exp_moco_box.png`; frames before and after: `exp_moco_example.png`."]
     print(common.write_report(args.out / "exp_moco.md", "Experiment 4: MoCo-like motion correction "
                               "(Table 4)", cmd, protocol, sections))

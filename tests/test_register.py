@@ -171,6 +171,10 @@ def test_any_optax_transform_and_status_reports_failure(phantom):
     bad = translation_config(iterations=5, levels=1, optimizer=optax.sgd(float("nan")))
     res = xjax.register(phantom.images, phantom.grid, bad, key=jax.random.key(11))
     assert int(res.status) == 1
+    # Steps of about a million mm carry the images out of each other's field of view.
+    far = translation_config(iterations=5, levels=1, optimizer=optax.sgd(1e6))
+    res = xjax.register(phantom.images, phantom.grid, far, key=jax.random.key(11))
+    assert int(res.status) == 2 and "overlap" in xjax.registration.STATUS[2]
 
 
 def test_pyramid_averages_blocks():

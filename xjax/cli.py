@@ -16,8 +16,9 @@ batched job, with the same outputs in ``OUTDIR/<sub-directory>/``. ``xjax apply`
 images (or label maps) with those displacements; ``xjax demo`` runs the whole path on a synthetic
 phantom with a known misalignment.
 
-Errors in the input print ``xjax: error: ...`` and exit with status 2; a registration that reports
-numerical failure still writes its outputs and exits with status 1.
+Errors in the input print ``xjax: error: ...`` and exit with status 2; a registration that fails
+(``Result.status`` not 0: non-finite values, or an overlap region that ran empty) still writes its
+outputs, says why, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xjax import evaluate, phantoms, presets
+from xjax.registration import STATUS
 from xjax.grid import Grid
 from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load_displacement,
                      load_image, load_labels, pull_image, save_image, to_common_space, write_transforms)
@@ -595,8 +597,9 @@ def _cmd_register(args) -> int:
 
 def _finished(report: dict, outdir: str, quiet: bool) -> int:
     if report["status"] != 0:
-        print(f"xjax: warning: the registration reported numerical failure (status "
-              f"{report['status']}); outputs written to {outdir}", file=sys.stderr)
+        status = report["status"]
+        print(f"xjax: warning: the registration failed (status {status}: "
+              f"{STATUS.get(status, 'see the report')}); outputs written to {outdir}", file=sys.stderr)
         return 1
     if not quiet:
         t = report["timings_s"]

@@ -41,7 +41,8 @@ __all__ = ["Stage", "Config", "Result", "register", "pyramid", "STATUS"]
 
 Mode = Literal["unbiased", "reference"]
 #: ``Result.status`` codes.
-STATUS = {0: "converged", 1: "non-finite loss or parameters"}
+STATUS = {0: "converged", 1: "non-finite loss or parameters",
+          2: "the overlap region (Eq. 14) ran empty: an image left the others' field of view"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,9 @@ class Result(NamedTuple):
         only; ``None`` for other objectives).
       pi: ``(K,)`` class proportions (X-metric only; ``None`` for other objectives).
       loss_history: ``(T,)`` loss (``-X + lambda R``) of every step, stages and levels in order.
-      status: int scalar, 0 when every loss and parameter is finite (see :data:`STATUS`).
+      status: int scalar (see :data:`STATUS`): 0 when every loss and parameter is finite; 2 when
+        some step's sample held no voxel inside every warped image (the group had drifted apart);
+        1 for other non-finite losses or parameters.
     """
 
     params: tuple
@@ -301,20 +304,23 @@ def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state
         loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
         if stage.bending > 0:
             loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
-        return loss, state
+        # An empty sample overlap with finite parameters: the group drifted apart (status 2).
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(eff)]))
+        return loss, (state, finite & (jnp.sum(weights[idx]) == 0))
 
     def step(carry: _Carry, i):
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(carry.params, carry.state, carry.draw)
+        (loss, (state, emptied)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            carry.params, carry.state, carry.draw)
         updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)
         if level.progress is not None:
             total = level.total_steps
             jax.debug.callback(lambda s, l: level.progress(int(s), total, float(l)), offset + i + 1, loss)
-        return _Carry(params, opt_state, state, draw(xrandom.fold(seed, i + 1))), loss
+        return _Carry(params, opt_state, state, draw(xrandom.fold(seed, i + 1))), (loss, emptied)
 
     carry = _Carry(params, tx.init(params), state, draw(xrandom.fold(seed, 0)))
-    carry, losses = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
-    return carry.params, carry.state, losses
+    carry, (losses, emptied) = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
+    return carry.params, carry.state, losses, jnp.any(emptied)
 
 
 # ---- the entry point -----------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
 
     seed = xrandom.seed(key)
     objective = config.metric
-    frozen, frozen_params, history = (), (), []
+    frozen, frozen_params, history, overlap_lost = (), (), [], jnp.asarray(False)
     state, state_grid = None, None
     for stage in config.stages:
         spec = stage.transform.bind(grid)
@@ -406,15 +412,16 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
                                                             ranges, objective.num_classes, stage.bins))
             level = _Level(stage, level_grid, frozen, objective, config.mode, config.reference,
                            progress, config.total_steps)
-            params, state, losses = _run_level(level, level_images, level_mask, ranges, frozen_params,
-                                               params, state, xrandom.fold(seed, 1000 + len(history)),
-                                               sum(h.size for h in history))
+            params, state, losses, emptied = _run_level(
+                level, level_images, level_mask, ranges, frozen_params, params, state,
+                xrandom.fold(seed, 1000 + len(history)), sum(h.size for h in history))
             history.append(losses)
+            overlap_lost = overlap_lost | emptied
         frozen = frozen + (spec,)
         frozen_params = frozen_params + (_effective(level, params),)
 
     return _finish(config, grid, images, mask.reshape(-1), labels, frozen, frozen_params, state,
-                   state_grid, jnp.concatenate(history))
+                   state_grid, jnp.concatenate(history), overlap_lost)
 
 
 def _label_tables(labels, grid, level_grid, flat, level_mask, ranges, k, bins):
@@ -425,9 +432,10 @@ def _label_tables(labels, grid, level_grid, flat, level_mask, ranges, k, bins):
         flat, level_labels.astype(jnp.int32), k, ranges[0], ranges[1], bins, level_mask)
 
 
-def _finish(config, grid, images, mask, labels, specs, params, state, state_grid, history) -> Result:
+def _finish(config, grid, images, mask, labels, specs, params, state, state_grid, history,
+            overlap_lost) -> Result:
     """Full-resolution displacements, warped images and, for the X-metric, a last E-step at the
-    final transforms."""
+    final transforms; ``overlap_lost`` is true when some step's sample had no overlap voxel."""
     n, v = images.shape[0], grid.size
     disp = _displacements(specs[-1], specs[:-1], params[:-1], params[-1], grid)
     points = grid_points(grid, images.dtype).reshape(1, v, grid.ndim) + disp.reshape(n, v, grid.ndim)
@@ -454,5 +462,5 @@ def _finish(config, grid, images, mask, labels, specs, params, state, state_grid
         posterior=posterior,
         pi=pi,
         loss_history=history,
-        status=jnp.where(finite, 0, 1).astype(jnp.int32),
+        status=jnp.where(overlap_lost, 2, jnp.where(finite, 0, 1)).astype(jnp.int32),
     )
