@@ -87,8 +87,8 @@ def registered(tmp_path_factory):
     mask = save(root / "mask.nii.gz", np.asarray(ph.labels) > 0, OTHER)
     out = root / "out"
     argv = ["register", *paths, "-o", str(out), "--preset", "ffd", "--levels", "1",
-            "--iterations", "3", "--spacing", "12", "--bins", "16", "--seed", "3", "--mask", mask,
-            "--quiet"]
+            "--iterations", "3", "--spacing", "12", "--bins", "16", "--sample-rate", "0.5", "--seed", "3",
+            "--mask", mask, "--quiet"]
     assert main(argv) == 0
     return {"root": root, "out": out, "paths": paths, "images": images, "labels": labels,
             "label_values": np.asarray(ph.labels), "mask": mask}
@@ -130,7 +130,7 @@ def test_warped_outputs_are_the_originals_sampled_once(registered):
 def test_report_and_transforms_describe_the_run(registered):
     out, paths = registered["out"], registered["paths"]
     report = json.loads((out / "report.json").read_text())
-    config = presets.get("ffd", levels=1, iterations=3, spacing=12.0, bins=16)
+    config = presets.get("ffd", levels=1, iterations=3, spacing=12.0, bins=16, sample_rate=0.5)
     assert report["settings"] == json.loads(json.dumps(config.to_dict(), default=str))
     assert len(report["loss_history"]) == config.total_steps == 3
     assert np.all(np.isfinite(report["loss_history"]))
@@ -222,6 +222,7 @@ def test_existing_output_needs_force(registered, tmp_path, capsys):
     (["--classes", "1"], "number of classes K must be an integer >= 2, got 1"),
     (["--bins", "2"], "number of intensity bins L must be an integer >= 4, got 2"),
     (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    (["--sample-rate", "1.5"], "--sample-rate must be in (0, 1], got 1.5"),
 ])
 def test_bad_options_are_rejected(registered, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
