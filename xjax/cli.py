@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from xjax import evaluate, phantoms, presets
-from xjax.registration import STATUS
 from xjax.grid import Grid
 from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load_displacement,
                      load_image, load_labels, pull_image, save_image, to_common_space, write_transforms)
 from xjax.io import grid_dict as _grid_dict
 from xjax.io import write_json as _write_json
 from xjax.nn import bingo_cli, dcc_cli
+from xjax.registration import STATUS
 from xjax.progress import ProgressBar
 from xjax.registration import register
 from xjax.validate import check_bins, check_images, check_mask, check_num_classes
@@ -75,7 +75,8 @@ def _config(preset: str, options: dict):
         try:
             presets.get(preset, **{OVERRIDES[option]: value})
         except TypeError:
-            raise ValueError(f"--{option.replace('_', '-')} does not apply to the preset {preset!r}") from None
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to the preset {preset!r}") from None
         knobs[OVERRIDES[option]] = value
     return presets.get(preset, **knobs)
 
