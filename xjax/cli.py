@@ -42,9 +42,8 @@ from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load
 from xjax.io import grid_dict as _grid_dict
 from xjax.io import write_json as _write_json
 from xjax.nn import bingo_cli, dcc_cli
-from xjax.registration import STATUS
 from xjax.progress import ProgressBar
-from xjax.registration import register
+from xjax.registration import STATUS, register
 from xjax.validate import check_bins, check_images, check_mask, check_num_classes
 
 __all__ = ["main", "build_parser", "register_files", "register_groups", "apply_files", "run_demo"]
