@@ -103,9 +103,9 @@ def _leading_eigenvector(c):
 
     Its derivative is first-order perturbation theory, ``de = sum_{i: l_i < l_1} v_i v_i^T dC e /
     (l_1 - l_i)``: only the gaps to the largest eigenvalue ``l_1`` enter. (The derivative of
-    :func:`jax.numpy.linalg.eigh` divides by every pairwise gap and is not finite as soon as two
-    minor eigenvalues coincide, as they nearly do for the frames of a series.) Components along
-    eigenvalues tied with ``l_1``, where ``e`` is not differentiable, are left out.
+    :func:`jax.numpy.linalg.eigh` divides by every pairwise gap, so two minor eigenvalues that
+    coincide, on which ``e`` does not depend, would make it ill-conditioned or not finite.)
+    Components along eigenvalues tied with ``l_1``, where ``e`` is not differentiable, are left out.
     """
     return jnp.linalg.eigh(c)[1][:, -1]
 
