@@ -136,7 +136,8 @@ def main(argv=None) -> int:
 
     grid = xjax.Grid.regular((64, WIDTH), 1.0)
     runs = {(model, method): common.compile_registration(
-        np.zeros((args.frames, 64, WIDTH), np.float32), grid, config(model, method, args.steps, args.levels, args.sample_rate))[0]
+        np.zeros((args.frames, 64, WIDTH), np.float32), grid,
+        config(model, method, args.steps, args.levels, args.sample_rate))[0]
         for model in args.models for method in args.methods}
     scores = {key: [] for key in [("none", "None")] + list(runs)}
     failures = {key: [] for key in runs}  # status codes of the failed runs
@@ -184,8 +185,8 @@ def main(argv=None) -> int:
         f"64 x {WIDTH}), {args.draws} motion draws per series (shift ≤ {args.shift_mm:g} mm, rotation ≤ "
         f"{args.angle_deg:g} deg, FFD ≤ {args.ffd_mm:g} mm), frames z-scored; unbiased registration, "
         f"{args.levels} pyramid levels, translation {args.steps} steps, rigid and FFD {max(1, args.steps // 2)} "
-        f"steps per level, sample rate {args.sample_rate:g}, K = 6, FFD mesh 40 mm with lambda 0.01 (mm^-2 units). The "
-        "paper uses the MoCo dataset's real respiratory motion, assessed by Dice of manual "
+        f"steps per level, sample rate {args.sample_rate:g}, K = 6, FFD mesh 40 mm with lambda 0.01 "
+        "(mm^-2 units). The paper uses the MoCo dataset's real respiratory motion, assessed by Dice of manual "
         "myocardium/LV/RV masks per frame; our series are low-resolution AIF images with one LV/RV "
         "mask per series (pixel taken as 1 mm) and synthetic motion, so the truth is known. p-values: "
         "paired t-test against X-CoReg with the same transform model (for 'None': against X-CoReg "

@@ -359,4 +359,3 @@ def test_register_recovers_translation(phantom, objective):
     assert int(res.status) == 0
     # Unbiased: phi_j(x) = x + t_j, sum_j t_j = 0; the misalignment pulls by s_j, so t_j = -(s_j - mean s).
     np.testing.assert_allclose(res.params[0]["translation"], -(shifts - shifts.mean(0)), atol=0.5)
-

@@ -243,18 +243,21 @@ def spm_slice(relative):
     return np.asarray(volume[:, :, SPM_SLICE], np.float64), grid
 
 
+def spm_group():
+    """The T1, T2 and PD slices ``[(91, 109)] * 3``, the tissue priors (grey, white, CSF) on the
+    slice, and the slice's 2D grid."""
+    slices = [spm_slice(f"canonical/avg152{name}.nii") for name in ("T1", "T2", "PD")]
+    tissues = [spm_slice(f"toolbox/OldSeg/{t}.nii")[0] for t in ("grey", "white", "csf")]
+    a = slices[0][1].matrix
+    assert np.allclose(a[:2, 2], 0) and np.allclose(a[2, :2], 0)  # axial slices are x-y planes
+    return [image for image, _ in slices], tissues, xjax.Grid((91, 109), a[np.ix_([0, 1, 3], [0, 1, 3])])
+
+
 @pytest.fixture(scope="module")
 def spm_ffd():
     """The templates' middle axial slice, warped by random FFDs and registered (unbiased FFD):
     ``(gWI before, gWI after, result, grid)``."""
-    images = []
-    for name in ("T1", "T2", "PD"):
-        image, volume_grid = spm_slice(f"canonical/avg152{name}.nii")
-        images.append(image)
-    tissues = [spm_slice(f"toolbox/OldSeg/{t}.nii")[0] for t in ("grey", "white", "csf")]
-    a = volume_grid.matrix
-    assert np.allclose(a[:2, 2], 0) and np.allclose(a[2, :2], 0)  # axial slices are x-y planes
-    grid = xjax.Grid((91, 109), a[np.ix_([0, 1, 3], [0, 1, 3])])
+    images, tissues, grid = spm_group()
     foreground = sum(tissues) > 0.5
     # A brain slice: every tissue present, the head about half the field of view, brighter than
     # the background in every modality.
@@ -336,12 +339,10 @@ def test_spm12_cte_ffd_registration_reduces_misalignment():
     alignment under three random two-level FFDs: the gWI falls by more than a third on average.
     The template depends on the warped images and the gradient runs through it; a template held
     fixed within each step moves the images away from alignment here (mean ratio about 0.9)."""
-    slices = [spm_slice(f"canonical/avg152{name}.nii") for name in ("T1", "T2", "PD")]
-    tissues = [spm_slice(f"toolbox/OldSeg/{t}.nii")[0] for t in ("grey", "white", "csf")]
-    a = slices[0][1].matrix
-    grid = xjax.Grid((46, 55), a[np.ix_([0, 1, 3], [0, 1, 3])] @ np.diag([2.0, 2.0, 1.0]))
+    slices, tissues, fine = spm_group()
+    grid = xjax.Grid((46, 55), fine.matrix @ np.diag([2.0, 2.0, 1.0]))
     foreground = (sum(tissues) > 0.5)[::2, ::2]
-    images = jnp.asarray(np.stack([s[0][::2, ::2] * foreground for s in slices]), jnp.float32)
+    images = jnp.asarray(np.stack([im[::2, ::2] * foreground for im in slices]), jnp.float32)
     config = dataclasses.replace(
         xjax.presets.ffd(spacing=(48.0,), iterations=100, levels=1, learning_rate=0.1, bins=32,
                          sample_rate=0.5), objective=baselines.CTE())
