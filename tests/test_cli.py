@@ -3,6 +3,7 @@ warped images and labels against numpy references, errors with exit status 2 bef
 demo, and the progress bar."""
 
 import io
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,7 +89,7 @@ def registered(tmp_path_factory):
     out = root / "out"
     argv = ["register", *paths, "-o", str(out), "--preset", "ffd", "--levels", "1",
             "--iterations", "3", "--spacing", "12", "--bins", "16", "--sample-rate", "0.5", "--seed", "3",
-            "--mask", mask, "--quiet"]
+            "--init-posterior", "random", "--mask", mask, "--quiet"]
     assert main(argv) == 0
     return {"root": root, "out": out, "paths": paths, "images": images, "labels": labels,
             "label_values": np.asarray(ph.labels), "mask": mask}
@@ -130,7 +131,9 @@ def test_warped_outputs_are_the_originals_sampled_once(registered):
 def test_report_and_transforms_describe_the_run(registered):
     out, paths = registered["out"], registered["paths"]
     report = json.loads((out / "report.json").read_text())
-    config = presets.get("ffd", levels=1, iterations=3, spacing=12.0, bins=16, sample_rate=0.5)
+    config = dataclasses.replace(presets.get("ffd", levels=1, iterations=3, spacing=12.0, bins=16,
+                                             sample_rate=0.5), init_posterior="random")
+    assert report["settings"]["init_posterior"] == "random"
     assert report["settings"] == json.loads(json.dumps(config.to_dict(), default=str))
     assert len(report["loss_history"]) == config.total_steps == 3
     assert np.all(np.isfinite(report["loss_history"]))

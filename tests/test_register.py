@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import xjax
-from xjax import evaluate, phantoms, registration as register_module
+from xjax import em, evaluate, phantoms, registration as register_module
+from xjax.objectives import XMetric
 from xjax.transforms import BSplineFFD, Translation
 
 SIZE = 64
@@ -227,3 +228,21 @@ def test_bad_input_is_named(phantom, case):
         config, match = dataclasses.replace(config, mode="reference", reference=5), "reference"
     with pytest.raises(ValueError, match=match):
         xjax.register(images, grid, config, key=jax.random.key(0), **kwargs)
+
+
+def test_posterior_initialisation_is_chosen_by_name(phantom):
+    """``init_posterior`` selects the X-metric's start: the paper's softmax of noise (Eq. 22) or
+    k-means classes; anything else is refused by name."""
+    images = jnp.asarray(phantom.images).reshape(3, -1)
+    weights = jnp.ones(images.shape[1])
+    key = jax.random.key(4)
+    config = xjax.presets.translation(num_classes=3)
+    random_start = dataclasses.replace(config, init_posterior="random").metric.init(key, images, weights)
+    np.testing.assert_array_equal(random_start.em.posterior, em.init_em(key, images.shape[1], 3).posterior)
+    kmeans_start = config.metric.init(key, images, weights)
+    np.testing.assert_array_equal(kmeans_start.em.posterior,
+                                  em.init_em_kmeans(key, images, weights, 3).posterior)
+    for make in (lambda: dataclasses.replace(config, init_posterior="kmeans++"),
+                 lambda: XMetric(init_posterior="zeros")):
+        with pytest.raises(ValueError, match="init_posterior must be one of"):
+            make()

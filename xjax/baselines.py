@@ -34,6 +34,7 @@ import numpy as np
 
 from xjax import random as xrandom
 from xjax import validate
+from xjax.cluster import kmeans_plus_plus
 from xjax.density import entropy, group_pair_histograms
 from xjax.objectives import Objective
 
@@ -273,22 +274,6 @@ def _em(state: GMMState, x, weights, floor: float, iterations: int) -> GMMState:
     return jax.lax.fori_loop(0, iterations, lambda _, s: _em_step(s, x, weights, floor), state)
 
 
-def _kmeans_plus_plus(seed, x, weights, k: int):
-    """``k`` initial means picked among the vectors ``x`` ``(V, N)``: the first drawn with probability
-    proportional to the weight, each next one proportional to the weight times the squared
-    distance to the nearest seed so far (k-means++). ``seed`` is an :mod:`xjax.random` seed."""
-    prob, distance, means = weights, None, []
-    for c in range(k):
-        cdf = jnp.cumsum(prob)
-        draw = xrandom.uniform(xrandom.fold(seed, c), (), x.dtype) * cdf[-1]
-        pick = jnp.minimum(jnp.searchsorted(cdf, draw, side="right"), x.shape[0] - 1)
-        means.append(x[pick])
-        d2 = jnp.sum((x - x[pick]) ** 2, axis=-1)
-        distance = d2 if distance is None else jnp.minimum(distance, d2)
-        prob = weights * distance
-    return jnp.stack(means)
-
-
 @dataclasses.dataclass(frozen=True)
 class GMM(Objective):
     """Gaussian mixture of the joint intensity distribution (Orchard & Mann).
@@ -300,8 +285,8 @@ class GMM(Objective):
     The mixture is fitted by EM over the whole level grid in :meth:`update` (``iterations`` per
     step, warm-started from the state). The original starts every mean at the global mean, a fixed
     point of EM where the components never separate; here :meth:`init` draws the means by a
-    key-driven k-means++ pick, starts every covariance at the global one and runs
-    ``init_iterations`` of EM. Every covariance eigenvalue is kept at least ``floor``, a
+    key-driven greedy k-means++ pick (:func:`xjax.cluster.kmeans_plus_plus`), starts every
+    covariance at the global one and runs ``init_iterations`` of EM. Every covariance eigenvalue is kept at least ``floor``, a
     constrained M-step that keeps EM's log-likelihood non-decreasing.
 
     Attributes:
@@ -327,7 +312,7 @@ class GMM(Objective):
         the unwarped images ``(N, V)`` (each normalised by its own min/max)."""
         x = _normalised(images, images.min(axis=1), images.max(axis=1)).T
         w = weights / jnp.maximum(jnp.sum(weights), _TINY)
-        means = _kmeans_plus_plus(xrandom.seed(key), x, w, self.num_classes)
+        means = kmeans_plus_plus(xrandom.seed(key), x, w, self.num_classes)
         centred = x - w @ x
         cov = _floor_eigenvalues((centred * w[:, None]).T @ centred, self.floor)
         k = self.num_classes

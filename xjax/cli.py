@@ -24,6 +24,7 @@ outputs, says why, and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -37,6 +38,7 @@ import numpy as np
 
 from xjax import evaluate, phantoms, presets
 from xjax.grid import Grid
+from xjax.objectives import INITS
 from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load_displacement,
                      load_image, load_labels, pull_image, save_image, to_common_space, write_transforms)
 from xjax.io import grid_dict as _grid_dict
@@ -59,6 +61,8 @@ OVERRIDES = {
     "bending": "bending",
     "sample_rate": "sample_rate",
 }
+#: command-line option -> field of :class:`xjax.Config` it sets, whatever the preset.
+CONFIG_OVERRIDES = {"init_posterior": "init_posterior"}
 
 
 
@@ -67,9 +71,12 @@ def _config(preset: str, options: dict):
     """The preset with the options given; an option the preset has no knob for is an error."""
     if preset not in presets.NAMES:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(presets.NAMES)}")
-    knobs = {}
+    knobs, fields = {}, {}
     for option, value in options.items():
         if value is None:
+            continue
+        if option in CONFIG_OVERRIDES:
+            fields[CONFIG_OVERRIDES[option]] = value
             continue
         try:
             presets.get(preset, **{OVERRIDES[option]: value})
@@ -77,7 +84,7 @@ def _config(preset: str, options: dict):
             flag = "--" + option.replace("_", "-")
             raise ValueError(f"{flag} does not apply to the preset {preset!r}") from None
         knobs[OVERRIDES[option]] = value
-    return presets.get(preset, **knobs)
+    return dataclasses.replace(presets.get(preset, **knobs), **fields)
 
 
 def _check_options(options: dict) -> None:
@@ -160,9 +167,10 @@ def _write_group(tmp: str, group: _Group, result, report: dict) -> None:
 def _settings(preset: str, options: dict | None, reference, seed: int):
     """The config of the preset with the options, and the report's settings entries."""
     options = dict(options or {})
-    unknown = set(options) - set(OVERRIDES)
+    known = set(OVERRIDES) | set(CONFIG_OVERRIDES)
+    unknown = set(options) - known
     if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(OVERRIDES)}")
+        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")
     _check_options(options)
     config = _config(preset, options)
     return config, {
@@ -534,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--sample-rate", type=float, metavar="F",
                      help="fraction of the voxels drawn per step (presets: 0.1); raise it for small "
                           "images, where a few hundred voxels make noisy steps")
+    reg.add_argument("--init-posterior", choices=INITS,
+                     help="start of the common anatomy: k-means classes of the images (default) or "
+                          "the paper's random posterior (Eq. 22)")
     reg.add_argument("--mask", metavar="MASK", help="NIfTI weight mask (any grid)")
     reg.add_argument("--seed", type=int, default=0)
     reg.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
@@ -582,7 +593,7 @@ def _cmd_register(args) -> int:
         spacing = spacing[0] if len(spacing) == 1 else tuple(spacing)
     options = {"classes": args.classes, "bins": args.bins, "iterations": args.iterations,
                "levels": args.levels, "spacing": spacing, "lr": args.lr, "bending": args.bending,
-               "sample_rate": args.sample_rate}
+               "sample_rate": args.sample_rate, "init_posterior": args.init_posterior}
     if args.groups is not None:
         if args.images or args.mask is not None:
             raise ValueError("--groups DIR replaces the IMAGEs (and takes no --mask)")

@@ -12,12 +12,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xjax import cluster
 from xjax import random as xrandom
 from xjax.density import EPS, PADDING, bin_positions, evaluate_histogram, group_joint_histograms, joint_histogram
 
 __all__ = [
     "EMState",
     "init_em",
+    "init_em_kmeans",
     "appearance",
     "appearance_from_labels",
     "log_likelihood",
@@ -47,6 +49,31 @@ def init_em(key, num_voxels: int, num_classes: int, dtype=jnp.float32) -> EMStat
     """
     g = xrandom.normal(xrandom.seed(key), (num_voxels, num_classes), dtype)
     return EMState(jax.nn.softmax(g, axis=-1), jnp.full((num_classes,), 1.0 / num_classes, dtype))
+
+
+def init_em_kmeans(key, images, weights, num_classes: int, iterations: int = 20,
+                   restarts: int = 4) -> EMState:
+    """A posterior from weighted k-means of the voxels' intensity vectors (an alternative to Eq. 22).
+
+    Each image ``(N, V)`` is mapped onto ``[0, 1]`` by its own min/max; the vectors ``(V, N)`` are
+    clustered with voxel ``weights`` ``(V,)`` (:func:`xjax.cluster.kmeans`: ``restarts`` runs from
+    greedy k-means++ starts drawn from ``key``, ``iterations`` Lloyd iterations each, the run of
+    least inertia kept); ``Gamma`` is the one-hot nearest cluster and ``pi`` its weighted share.
+    The first E-step then starts from appearance models that already tell the classes apart.
+
+    Why: from Eq. (22)'s near-uniform posterior the classes separate by chance, and with one EM
+    update per step they can settle with two tissues in one class and another class spent on a
+    sliver of the background. On one misaligned group of the spm12 T1/T2/PD volumes (4 mm), grey
+    and white matter merged with each of the three keys tried, and the FFD registration ended
+    further from alignment than it started (gWI 1.77 -> 2.24-2.27 mm; from k-means: 1.58 mm).
+    """
+    images = jax.lax.stop_gradient(images)
+    lo, hi = images.min(axis=1, keepdims=True), images.max(axis=1, keepdims=True)
+    x = ((images - lo) / jnp.where(hi > lo, hi - lo, 1.0)).T
+    centres = cluster.kmeans(xrandom.seed(key), x, weights.astype(x.dtype), num_classes, iterations,
+                             restarts)
+    posterior = jax.nn.one_hot(cluster.nearest(x, centres), num_classes, dtype=x.dtype)
+    return EMState(posterior, m_step(posterior, weights.astype(x.dtype)))
 
 
 def appearance(u, weights, lo, hi, bins: int):

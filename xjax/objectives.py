@@ -27,13 +27,16 @@ from typing import Any, Literal, NamedTuple
 import jax.numpy as jnp
 
 from xjax import validate
-from xjax.em import EMState, em_update, init_em
+from xjax.em import EMState, em_update, init_em, init_em_kmeans
 from xjax.grid import Grid
 from xjax.interpolate import sample_clamped
 from xjax.metrics import FORMS, group_class_information
 from xjax.transforms.base import grid_points
 
-__all__ = ["Objective", "XMetric", "XState"]
+__all__ = ["Objective", "XMetric", "XState", "INITS"]
+
+#: The posterior initialisations of :class:`XMetric`.
+INITS = ("kmeans", "random")
 
 State = Any
 
@@ -82,20 +85,28 @@ class XMetric(Objective):
       num_classes: ``K``, classes of the common anatomy.
       form: ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``, the authors' code); both give the
         same gradient for a fixed posterior.
+      init_posterior: the posterior before the first step: ``"kmeans"`` (default), the classes of
+        a weighted k-means of the unwarped images' intensity vectors
+        (:func:`xjax.em.init_em_kmeans`), or ``"random"``, the paper's softmax of Gaussian noise
+        (Eq. 22), which can leave two tissues merged in one class.
     """
 
     num_classes: int = 4
     form: Literal["mi", "reference"] = "mi"
+    init_posterior: Literal["kmeans", "random"] = "kmeans"
 
     def __post_init__(self):
         validate.check_num_classes(self.num_classes)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.init_posterior not in INITS:
+            raise ValueError(f"init_posterior must be one of {INITS}, got {self.init_posterior!r}")
 
     def init(self, key, images, weights) -> XState:
-        """Eq. (22): a random softmax posterior and uniform ``pi``."""
-        del weights
-        return XState(init_em(key, images.shape[1], self.num_classes, images.dtype))
+        """The posterior and ``pi`` before the first level (see ``init_posterior``)."""
+        if self.init_posterior == "random":
+            return XState(init_em(key, images.shape[1], self.num_classes, images.dtype))
+        return XState(init_em_kmeans(key, images, weights, self.num_classes))
 
     def update(self, state: XState, warped, weights, lo, hi, bins: int, sample_index) -> XState:
         """Appearance models from the sample ``Omega_S`` (Eq. 20) and the E-step over the whole grid

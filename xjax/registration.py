@@ -33,7 +33,7 @@ from xjax.em import appearance_from_labels
 from xjax.grid import Grid, apply_linear
 from xjax.interpolate import sample, sample_stack_inside
 from xjax.metrics import FORMS
-from xjax.objectives import Objective, XMetric
+from xjax.objectives import INITS, Objective, XMetric
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
 
@@ -111,8 +111,10 @@ class Config:
       reference: the fixed image in ``"reference"`` mode.
       form: the X-metric form, ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``); both give the
         same gradient for a fixed posterior.
+      init_posterior: the X-metric's posterior before the first step, ``"kmeans"`` or ``"random"``
+        (Eq. 22); see :class:`xjax.objectives.XMetric`.
       objective: the groupwise similarity (:class:`xjax.objectives.Objective`); default ``None``,
-        the X-metric ``XMetric(num_classes, form)``. Any other objective (e.g. a baseline of
+        the X-metric ``XMetric(num_classes, form, init_posterior)``. Any other objective (e.g. a baseline of
         :mod:`xjax.baselines`) drives the same optimisation; the result then has no posterior.
     """
 
@@ -121,6 +123,7 @@ class Config:
     mode: Mode = "unbiased"
     reference: int = 0
     form: Literal["mi", "reference"] = "mi"
+    init_posterior: Literal["kmeans", "random"] = "kmeans"
     objective: Objective | None = None
 
     def __post_init__(self):
@@ -132,13 +135,18 @@ class Config:
             raise ValueError(f"mode must be 'unbiased' or 'reference', got {self.mode!r}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.init_posterior not in INITS:
+            raise ValueError(f"init_posterior must be one of {INITS}, got {self.init_posterior!r}")
         if self.objective is not None and not isinstance(self.objective, Objective):
             raise ValueError(f"Config.objective must be an xjax Objective, got {self.objective!r}")
 
     @property
     def metric(self) -> Objective:
-        """The objective in use: ``objective``, or the X-metric with ``num_classes`` and ``form``."""
-        return XMetric(self.num_classes, self.form) if self.objective is None else self.objective
+        """The objective in use: ``objective``, or the X-metric with ``num_classes``, ``form`` and
+        ``init_posterior``."""
+        if self.objective is None:
+            return XMetric(self.num_classes, self.form, self.init_posterior)
+        return self.objective
 
     @property
     def total_steps(self) -> int:
@@ -339,7 +347,8 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
         each image is binned over its own range.
       grid: the common grid (default ``Grid.regular(spatial)``, 1 mm voxels).
       config: stages and model (default ``xjax.presets.rigid_ffd()``).
-      key: a ``jax.random`` key: posterior initialisation (Eq. 22) and voxel sampling.
+      key: a ``jax.random`` key: posterior initialisation (k-means starts, or Eq. 22) and voxel
+        sampling.
       mask: optional ``(*spatial)`` voxel weights in the common space (e.g. a foreground mask).
       labels: optional ``(N, *spatial)`` label maps of the images in their own (unwarped) space,
         values in ``[0, K)``: X-Reg-GT, with the appearance models fixed by Eq. (48).
