@@ -34,21 +34,24 @@ def kmeans_plus_plus(seed, x, weights, k: int, trials: int | None = None):
     trials = 2 + int(math.log(k)) if trials is None else trials
 
     def draw(prob, counter, count):
+        # Inverse-CDF sampling; counting the CDF entries at or below each draw compiles faster on
+        # XLA:CPU than jnp.searchsorted, with the same result.
         cdf = jnp.cumsum(prob)
         u = xrandom.uniform(xrandom.fold(seed, counter), (count,), x.dtype) * cdf[-1]
-        return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), x.shape[0] - 1)
+        return jnp.minimum(jnp.sum(cdf[None] <= u[:, None], axis=1), x.shape[0] - 1)
 
-    first = draw(weights, 0, 1)[0]
-    centres = [x[first]]
-    distance = jnp.sum((x - x[first]) ** 2, axis=-1)
-    for c in range(1, k):
+    def pick(c, carry):
+        centres, distance = carry
         candidates = draw(weights * distance, c, trials)  # (T,)
         d2 = jnp.sum((x[None] - x[candidates][:, None]) ** 2, axis=-1)  # (T, V)
         merged = jnp.minimum(distance[None], d2)
         best = jnp.argmin(merged @ weights)
-        centres.append(x[candidates[best]])
-        distance = merged[best]
-    return jnp.stack(centres)
+        return centres.at[c].set(x[candidates[best]]), merged[best]
+
+    first = x[draw(weights, 0, 1)[0]]
+    centres = jnp.broadcast_to(first, (k,) + first.shape)
+    distance = jnp.sum((x - first) ** 2, axis=-1)
+    return jax.lax.fori_loop(1, k, pick, (centres, distance))[0]
 
 
 def nearest(x, centres):

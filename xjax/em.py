@@ -51,6 +51,10 @@ def init_em(key, num_voxels: int, num_classes: int, dtype=jnp.float32) -> EMStat
     return EMState(jax.nn.softmax(g, axis=-1), jnp.full((num_classes,), 1.0 / num_classes, dtype))
 
 
+#: Most voxels :func:`init_em_kmeans` clusters; larger grids are subsampled regularly.
+KMEANS_VOXELS = 32768
+
+
 def init_em_kmeans(key, images, weights, num_classes: int, iterations: int = 20,
                    restarts: int = 4) -> EMState:
     """A posterior from weighted k-means of the voxels' intensity vectors (an alternative to Eq. 22).
@@ -58,7 +62,9 @@ def init_em_kmeans(key, images, weights, num_classes: int, iterations: int = 20,
     Each image ``(N, V)`` is mapped onto ``[0, 1]`` by its own min/max; the vectors ``(V, N)`` are
     clustered with voxel ``weights`` ``(V,)`` (:func:`xjax.cluster.kmeans`: ``restarts`` runs from
     greedy k-means++ starts drawn from ``key``, ``iterations`` Lloyd iterations each, the run of
-    least inertia kept); ``Gamma`` is the one-hot nearest cluster and ``pi`` its weighted share.
+    least inertia kept; grids of more than :data:`KMEANS_VOXELS` voxels are clustered on every
+    ``ceil(V / KMEANS_VOXELS)``-th voxel); ``Gamma`` is the one-hot nearest cluster of every voxel
+    and ``pi`` its weighted share.
     The first E-step then starts from appearance models that already tell the classes apart.
 
     Why: from Eq. (22)'s near-uniform posterior the classes separate by chance, and with one EM
@@ -70,10 +76,12 @@ def init_em_kmeans(key, images, weights, num_classes: int, iterations: int = 20,
     images = jax.lax.stop_gradient(images)
     lo, hi = images.min(axis=1, keepdims=True), images.max(axis=1, keepdims=True)
     x = ((images - lo) / jnp.where(hi > lo, hi - lo, 1.0)).T
-    centres = cluster.kmeans(xrandom.seed(key), x, weights.astype(x.dtype), num_classes, iterations,
-                             restarts)
+    weights = weights.astype(x.dtype)
+    every = -(-x.shape[0] // KMEANS_VOXELS)  # cluster a regular subsample of large grids
+    centres = cluster.kmeans(xrandom.seed(key), x[::every], weights[::every], num_classes,
+                             iterations, restarts)
     posterior = jax.nn.one_hot(cluster.nearest(x, centres), num_classes, dtype=x.dtype)
-    return EMState(posterior, m_step(posterior, weights.astype(x.dtype)))
+    return EMState(posterior, m_step(posterior, weights))
 
 
 def appearance(u, weights, lo, hi, bins: int):
