@@ -38,12 +38,12 @@ import numpy as np
 
 from xjax import evaluate, phantoms, presets
 from xjax.grid import Grid
-from xjax.objectives import INITS
 from xjax.io import (TRANSFORMS_JSON, atomic_output_dir, check_output_path, load_displacement,
                      load_image, load_labels, pull_image, save_image, to_common_space, write_transforms)
 from xjax.io import grid_dict as _grid_dict
 from xjax.io import write_json as _write_json
 from xjax.nn import bingo_cli, dcc_cli
+from xjax.objectives import INITS
 from xjax.progress import ProgressBar
 from xjax.registration import STATUS, register
 from xjax.validate import check_bins, check_images, check_mask, check_num_classes
@@ -192,7 +192,8 @@ def register_files(paths: Sequence[str], outdir: str, *, preset: str = "rigid+ff
       outdir: output directory (must not exist unless ``force``).
       preset: a name of :data:`xjax.presets.NAMES`.
       reference: index of the input whose grid is the common grid, or ``"bounds"``.
-      options: overrides by command-line name (keys of :data:`OVERRIDES`); None values are ignored.
+      options: overrides by command-line name (keys of :data:`OVERRIDES` and
+        :data:`CONFIG_OVERRIDES`); None values are ignored.
       mask: optional NIfTI weight mask (any grid; resampled linearly onto the common grid).
       seed: seed of the PRNG key.
       force: replace an existing ``outdir``.

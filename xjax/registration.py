@@ -114,8 +114,9 @@ class Config:
       init_posterior: the X-metric's posterior before the first step, ``"kmeans"`` or ``"random"``
         (Eq. 22); see :class:`xjax.objectives.XMetric`.
       objective: the groupwise similarity (:class:`xjax.objectives.Objective`); default ``None``,
-        the X-metric ``XMetric(num_classes, form, init_posterior)``. Any other objective (e.g. a baseline of
-        :mod:`xjax.baselines`) drives the same optimisation; the result then has no posterior.
+        the X-metric ``XMetric(num_classes, form, init_posterior)``. Any other objective (e.g. a
+        baseline of :mod:`xjax.baselines`) drives the same optimisation; the result then has no
+        posterior.
     """
 
     stages: tuple[Stage, ...]
