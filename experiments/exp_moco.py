@@ -10,7 +10,8 @@ independent random cubic B-spline deformation ``f_t`` (24 mm mesh, coefficients 
 
 The motion is then corrected by unbiased groupwise registration with three transform models, as
 in the paper: translation; translation then rigid; translation, rigid, then FFD (40 mm mesh).
-Methods: X-CoReg (K = 6), variance of intensities (VI), congealing (CG) and CTE.
+Methods: X-CoReg (K = 6, the paper's; ``--classes``), variance of intensities (VI), congealing (CG)
+and CTE.
 
 Every voxel enters every step by default (``--sample-rate 1``). The series are only 64 x 48
 pixels: the paper's 10% would give about 300 voxels a step (77 at the coarse pyramid level) for
@@ -78,9 +79,11 @@ def motion(key, grid, t: int, shift_mm: float, angle_deg: float, ffd_mm: float):
     return jnp.asarray(rigid, jnp.float32) + smooth
 
 
-def config(model: str, method: str, steps: int, levels: int, sample_rate: float) -> Config:
+def config(model: str, method: str, steps: int, levels: int, sample_rate: float,
+           classes: int = 6) -> Config:
     """Translation (``steps``), rigid (``steps // 2``) and FFD (``steps // 2``) stages, as far as
-    ``model`` goes (the paper: 100, 50, 50), each sampling ``sample_rate`` of the voxels."""
+    ``model`` goes (the paper: 100, 50, 50), each sampling ``sample_rate`` of the voxels; X-CoReg
+    with ``classes`` classes."""
     common_args = dict(levels=levels, sample_rate=sample_rate)
     stages = [Stage(Translation(), iterations=steps, learning_rate=1.0, bins=32, **common_args)]
     if model in ("rigid", "ffd"):
@@ -90,7 +93,7 @@ def config(model: str, method: str, steps: int, levels: int, sample_rate: float)
                             bins=64, bending=0.01, **common_args))
     objective = {"VI": baselines.VarianceOfIntensities(), "CG": baselines.Congealing(),
                  "CTE": baselines.CTE()}.get(method)
-    return Config(tuple(stages), num_classes=6, objective=objective)
+    return Config(tuple(stages), num_classes=classes, objective=objective)
 
 
 def heart_box(labels, grid, margin_mm: float = 8.0):
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", type=int, default=2)
     parser.add_argument("--sample-rate", type=float, default=1.0,
                         help="fraction of voxels per step (paper: 0.1 of larger images; see the module docstring)")
+    parser.add_argument("--classes", type=int, default=6, help="K of X-CoReg (paper: 6)")
     parser.add_argument("--shift-mm", type=float, default=6.0)
     parser.add_argument("--angle-deg", type=float, default=4.0)
     parser.add_argument("--ffd-mm", type=float, default=1.5)
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
     grid = xjax.Grid.regular((64, WIDTH), 1.0)
     runs = {(model, method): common.compile_registration(
         np.zeros((args.frames, 64, WIDTH), np.float32), grid,
-        config(model, method, args.steps, args.levels, args.sample_rate))[0]
+        config(model, method, args.steps, args.levels, args.sample_rate, args.classes))[0]
         for model in args.models for method in args.methods}
     scores = {key: [] for key in [("none", "None")] + list(runs)}
     failures = {key: [] for key in runs}  # status codes of the failed runs
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
         f"64 x {WIDTH}), {args.draws} motion draws per series (shift ≤ {args.shift_mm:g} mm, rotation ≤ "
         f"{args.angle_deg:g} deg, FFD ≤ {args.ffd_mm:g} mm), frames z-scored; unbiased registration, "
         f"{args.levels} pyramid levels, translation {args.steps} steps, rigid and FFD {max(1, args.steps // 2)} "
-        f"steps per level, sample rate {args.sample_rate:g}, K = 6, FFD mesh 40 mm with lambda 0.01 "
+        f"steps per level, sample rate {args.sample_rate:g}, K = {args.classes}, FFD mesh 40 mm with lambda 0.01 "
         "(mm^-2 units). The paper uses the MoCo dataset's real respiratory motion, assessed by Dice of manual "
         "myocardium/LV/RV masks per frame; our series are low-resolution AIF images with one LV/RV "
         "mask per series (pixel taken as 1 mm) and synthetic motion, so the truth is known. p-values: "
