@@ -41,17 +41,18 @@ def kmeans_plus_plus(seed, x, weights, k: int, trials: int | None = None):
         return jnp.minimum(jnp.sum(cdf[None] <= u[:, None], axis=1), x.shape[0] - 1)
 
     def pick(c, carry):
+        # Pick 0 draws by the weights alone (and keeps its first candidate): one loop body, so
+        # the draw's cumulative sum is compiled once.
         centres, distance = carry
-        candidates = draw(weights * distance, c, trials)  # (T,)
+        first = c == 0
+        candidates = draw(jnp.where(first, weights, weights * distance), c, trials)  # (T,)
         d2 = jnp.sum((x[None] - x[candidates][:, None]) ** 2, axis=-1)  # (T, V)
-        merged = jnp.minimum(distance[None], d2)
-        best = jnp.argmin(merged @ weights)
+        merged = jnp.where(first, d2, jnp.minimum(distance[None], d2))
+        best = jnp.where(first, 0, jnp.argmin(merged @ weights))
         return centres.at[c].set(x[candidates[best]]), merged[best]
 
-    first = x[draw(weights, 0, 1)[0]]
-    centres = jnp.broadcast_to(first, (k,) + first.shape)
-    distance = jnp.sum((x - first) ** 2, axis=-1)
-    return jax.lax.fori_loop(1, k, pick, (centres, distance))[0]
+    init = (jnp.zeros((k, x.shape[1]), x.dtype), jnp.zeros(x.shape[:1], x.dtype))
+    return jax.lax.fori_loop(0, k, pick, init)[0]
 
 
 def nearest(x, centres):
