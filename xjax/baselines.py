@@ -286,8 +286,8 @@ class GMM(Objective):
     step, warm-started from the state). The original starts every mean at the global mean, a fixed
     point of EM where the components never separate; here :meth:`init` draws the means by a
     key-driven greedy k-means++ pick (:func:`xjax.cluster.kmeans_plus_plus`), starts every
-    covariance at the global one and runs ``init_iterations`` of EM. Every covariance eigenvalue is kept at least ``floor``, a
-    constrained M-step that keeps EM's log-likelihood non-decreasing.
+    covariance at the global one and runs ``init_iterations`` of EM. Every covariance eigenvalue
+    is kept at least ``floor``, a constrained M-step that keeps EM's log-likelihood non-decreasing.
 
     Attributes:
       num_classes: ``K``, the mixture's components (the classes of the common anatomy).

@@ -64,8 +64,8 @@ def init_em_kmeans(key, images, weights, num_classes: int, iterations: int = 20,
     greedy k-means++ starts drawn from ``key``, ``iterations`` Lloyd iterations each, the run of
     least inertia kept; grids of more than :data:`KMEANS_VOXELS` voxels are clustered on every
     ``ceil(V / KMEANS_VOXELS)``-th voxel); ``Gamma`` is the one-hot nearest cluster of every voxel
-    and ``pi`` its weighted share.
-    The first E-step then starts from appearance models that already tell the classes apart.
+    and ``pi`` its weighted share. The first E-step then starts from appearance models that
+    already tell the classes apart.
 
     Why: from Eq. (22)'s near-uniform posterior the classes separate by chance, and with one EM
     update per step they can settle with two tissues in one class and another class spent on a
