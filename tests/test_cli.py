@@ -2,8 +2,8 @@
 warped images and labels against numpy references, errors with exit status 2 before any work, the
 demo, and the progress bar."""
 
-import io
 import dataclasses
+import io
 import json
 import os
 import subprocess

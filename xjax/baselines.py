@@ -34,7 +34,7 @@ import numpy as np
 
 from xjax import random as xrandom
 from xjax import validate
-from xjax.cluster import kmeans_plus_plus
+from xjax.cluster import kmeans_plus_plus, unit_vectors
 from xjax.density import entropy, group_pair_histograms
 from xjax.objectives import Objective
 
@@ -310,7 +310,7 @@ class GMM(Objective):
     def init(self, key, images, weights) -> GMMState:
         """k-means++ means, the global covariance, uniform ``pi``, then ``init_iterations`` of EM over
         the unwarped images ``(N, V)`` (each normalised by its own min/max)."""
-        x = _normalised(images, images.min(axis=1), images.max(axis=1)).T
+        x = unit_vectors(images)
         w = weights / jnp.maximum(jnp.sum(weights), _TINY)
         means = kmeans_plus_plus(xrandom.seed(key), x, w, self.num_classes)
         centred = x - w @ x

@@ -16,9 +16,17 @@ import jax.numpy as jnp
 
 from xjax import random as xrandom
 
-__all__ = ["kmeans_plus_plus", "kmeans", "nearest", "inertia"]
+__all__ = ["unit_vectors", "kmeans_plus_plus", "kmeans", "nearest", "inertia"]
 
 _TINY = 1e-12
+
+
+def unit_vectors(images):
+    """The voxels' intensity vectors ``(V, N)`` of images ``(N, V)``, each image mapped onto
+    ``[0, 1]`` by its own min/max (a constant image by a width of one), without gradient."""
+    images = jax.lax.stop_gradient(images)
+    lo, hi = images.min(axis=1, keepdims=True), images.max(axis=1, keepdims=True)
+    return ((images - lo) / jnp.where(hi > lo, hi - lo, 1.0)).T
 
 
 def kmeans_plus_plus(seed, x, weights, k: int, trials: int | None = None):
