@@ -246,3 +246,20 @@ def test_posterior_initialisation_is_chosen_by_name(phantom):
                  lambda: XMetric(init_posterior="zeros")):
         with pytest.raises(ValueError, match="init_posterior must be one of"):
             make()
+
+
+def test_step_problem_is_the_first_step_of_register(phantom):
+    """``step_problem`` gives the loss that ``register`` differentiates: one SGD step of size 1 from
+    identity moves the (Eq. 37 projected) FFD parameters by exactly minus its gradient."""
+    stage = xjax.Stage(BSplineFFD(spacing=16.0), iterations=1, levels=1, bins=32, sample_rate=0.2,
+                       optimizer=optax.sgd(1.0))
+    config = xjax.Config((stage,))
+    key = jax.random.key(5)
+    problem = register_module.step_problem(phantom.images, phantom.grid, config, key=key)
+    (loss, _), grads = jax.value_and_grad(problem.loss, has_aux=True)(
+        problem.params, problem.state, problem.drawn)
+    res = xjax.register(phantom.images, phantom.grid, config, key=key)
+    np.testing.assert_allclose(float(loss), float(res.loss_history[0]), rtol=1e-6)
+    moved = jax.tree.map(lambda p, i: p - i, res.params[0], problem.params)
+    jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -g, rtol=1e-5, atol=1e-7), moved, grads)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0

@@ -37,7 +37,7 @@ from xjax.objectives import INITS, Objective, XMetric
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
 
-__all__ = ["Stage", "Config", "Result", "register", "pyramid", "STATUS"]
+__all__ = ["Stage", "Config", "Result", "register", "pyramid", "STATUS", "StepProblem", "step_problem"]
 
 Mode = Literal["unbiased", "reference"]
 #: ``Result.status`` codes.
@@ -280,42 +280,61 @@ def _warp_group(images, grid: Grid, points):
     return sample_stack_inside(images, grid.world_to_index(points))
 
 
-def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state, seed, offset):
-    TRACES["level"] += 1
+def _step_loss(level: _Level, images, mask, ranges, x, frozen_params, params, state, drawn: _Draw):
+    """One step's loss ``-similarity + bending`` and its auxiliaries ``(state, emptied)``; ``x``
+    are the level grid's points ``(V, D)`` in mm.
+
+    The objective's update (the E-step for the X-metric) runs without gradient over the whole level
+    grid; the similarity is differentiated through the warp at the drawn sample only.
+    """
     stage, grid = level.stage, level.grid
     n, d, v = images.shape[0], grid.ndim, grid.size
     lo, hi = ranges
-    x = grid_points(grid, images.dtype).reshape(v, d)
-    samples = max(1, int(round(stage.sample_rate * v)))
     spec, objective = stage.transform, level.objective
-    tx = _optimizer(stage)
+    eff = _effective(level, params)
+    u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
+    points = x[None] + u
+    warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
+    weights = mask * jnp.prod(inside, axis=0)
+    idx = drawn.index
+    state = objective.update(jax.lax.stop_gradient(state), warped, weights, lo, hi, stage.bins, idx)
+    values, _ = _warp_group(images, grid, points[:, idx] + drawn.offset)
+    loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
+    if stage.bending > 0:
+        loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
+    # An empty sample overlap with finite parameters: the group drifted apart (status 2).
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(eff)]))
+    return loss, (state, finite & (jnp.sum(weights[idx]) == 0))
 
-    def draw(step_seed) -> _Draw:
-        # Drawn one step ahead and carried through the loop, so the sample is materialised once:
-        # drawn inside the step, XLA:CPU fuses the hash into every gather that reads the sample
-        # and recomputes it per element (about half of a step's time on a 10 x 256^2 group).
-        idx = xrandom.randint(step_seed, (samples,), v)
-        offset = jnp.zeros((samples, d), x.dtype)
-        if stage.jitter > 0:
-            offset = stage.jitter * (2.0 * xrandom.uniform(xrandom.fold(step_seed, 1), (samples, d), x.dtype) - 1.0)
-            offset = apply_linear(offset, jnp.asarray(grid.matrix[:d, :d], x.dtype))
-        return _Draw(idx, offset)
 
-    def loss_fn(params, state, drawn: _Draw):
-        eff = _effective(level, params)
-        u = _displacements(spec, level.frozen, frozen_params, eff, grid).reshape(n, v, d)
-        points = x[None] + u
-        warped, inside = _warp_group(images, grid, jax.lax.stop_gradient(points))
-        weights = mask * jnp.prod(inside, axis=0)
-        idx = drawn.index
-        state = objective.update(jax.lax.stop_gradient(state), warped, weights, lo, hi, stage.bins, idx)
-        values, _ = _warp_group(images, grid, points[:, idx] + drawn.offset)
-        loss = -objective.similarity(state, values, weights[idx], idx, lo, hi, stage.bins)
-        if stage.bending > 0:
-            loss = loss + stage.bending * jnp.sum(jax.vmap(spec.regularizer)(eff))
-        # An empty sample overlap with finite parameters: the group drifted apart (status 2).
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(eff)]))
-        return loss, (state, finite & (jnp.sum(weights[idx]) == 0))
+def _draw(level: _Level, dtype, step_seed) -> _Draw:
+    """The voxel sample of one step (a fixed count, ``sample_rate`` of the level grid) and its
+    jitter offsets in mm."""
+    stage, grid = level.stage, level.grid
+    d, v = grid.ndim, grid.size
+    samples = max(1, int(round(stage.sample_rate * v)))
+    idx = xrandom.randint(step_seed, (samples,), v)
+    offset = jnp.zeros((samples, d), dtype)
+    if stage.jitter > 0:
+        offset = stage.jitter * (2.0 * xrandom.uniform(xrandom.fold(step_seed, 1), (samples, d), dtype) - 1.0)
+        offset = apply_linear(offset, jnp.asarray(grid.matrix[:d, :d], dtype))
+    return _Draw(idx, offset)
+
+
+def _level_seed(seed, loop: int):
+    """The seed of the ``loop``-th (stage, level) loop of a registration."""
+    return xrandom.fold(seed, 1000 + loop)
+
+
+def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state, seed, offset):
+    TRACES["level"] += 1
+    tx = _optimizer(level.stage)
+    x = grid_points(level.grid, images.dtype).reshape(level.grid.size, level.grid.ndim)
+    loss_fn = functools.partial(_step_loss, level, images, mask, ranges, x, frozen_params)
+    # The sample is drawn one step ahead and carried through the loop, so it is materialised once:
+    # drawn inside the step, XLA:CPU fuses the hash into every gather that reads the sample and
+    # recomputes it per element (about half of a step's time on a 10 x 256^2 group).
+    draw = functools.partial(_draw, level, images.dtype)
 
     def step(carry: _Carry, i):
         (loss, (state, emptied)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -328,8 +347,50 @@ def _run_level(level: _Level, images, mask, ranges, frozen_params, params, state
         return _Carry(params, opt_state, state, draw(xrandom.fold(seed, i + 1))), (loss, emptied)
 
     carry = _Carry(params, tx.init(params), state, draw(xrandom.fold(seed, 0)))
-    carry, (losses, emptied) = jax.lax.scan(step, carry, jnp.arange(stage.iterations))
+    carry, (losses, emptied) = jax.lax.scan(step, carry, jnp.arange(level.stage.iterations))
     return carry.params, carry.state, losses, jnp.any(emptied)
+
+
+class StepProblem(NamedTuple):
+    """One registration step as :func:`register` differentiates it (see :func:`step_problem`).
+
+    Attributes:
+      loss: ``loss(params, state, drawn) -> (loss, (state, emptied))``; the loss is
+        ``-similarity + bending``; ``jax.value_and_grad(loss, has_aux=True)`` is a step's gradient.
+      params: the group's transform parameters at identity, leading axis ``N``.
+      state: the objective's state before the first step.
+      drawn: the first step's voxel sample.
+    """
+
+    loss: Callable
+    params: Any
+    state: Any
+    drawn: _Draw
+
+
+def step_problem(images, grid: Grid, config: Config, *, key, mask=None) -> StepProblem:
+    """The first step of ``config``'s first stage at full resolution, for measuring a step apart
+    from the loop (its time, memory and saved activations). With one stage of one pyramid level,
+    it is exactly the first step of ``register(images, grid, config, key=key, mask=mask)``.
+
+    Args:
+      images: ``(N, *grid.shape)`` images on ``grid``.
+      grid: the common grid.
+      config: the registration settings; only the first stage is used.
+      key: a ``jax.random`` key (posterior initialisation and the voxel sample).
+      mask: optional ``(*grid.shape)`` voxel weights.
+    """
+    images = jnp.asarray(images)
+    n = images.shape[0]
+    stage = config.stages[0]
+    stage = dataclasses.replace(stage, transform=stage.transform.bind(grid))
+    level = _Level(stage, grid, (), config.metric, config.mode, config.reference, None, stage.iterations)
+    flat = images.reshape(n, -1)
+    mask = jnp.ones(grid.size, images.dtype) if mask is None else jnp.asarray(mask, images.dtype).reshape(-1)
+    x = grid_points(grid, images.dtype).reshape(grid.size, grid.ndim)
+    loss = functools.partial(_step_loss, level, images, mask, (flat.min(axis=1), flat.max(axis=1)), x, ())
+    return StepProblem(loss, _stack(stage.transform.identity(), n), config.metric.init(key, flat, mask),
+                       _draw(level, images.dtype, xrandom.fold(_level_seed(xrandom.seed(key), 0), 0)))
 
 
 # ---- the entry point -----------------------------------------------------------------------------
@@ -424,7 +485,7 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
                            progress, config.total_steps)
             params, state, losses, emptied = _run_level(
                 level, level_images, level_mask, ranges, frozen_params, params, state,
-                xrandom.fold(seed, 1000 + len(history)), sum(h.size for h in history))
+                _level_seed(seed, len(history)), sum(h.size for h in history))
             history.append(losses)
             overlap_lost = overlap_lost | emptied
         frozen = frozen + (spec,)
