@@ -134,3 +134,15 @@ def test_group_histograms_equal_per_image_and_never_spill(x64):
     for j in (0, 2):
         want = density.joint_histogram(jnp.asarray(u[j]), jnp.asarray(per_image_weights[j]), lo[j], hi[j], 10)
         np.testing.assert_allclose(got[j], want, rtol=1e-12, atol=1e-12)
+
+
+def test_pair_histograms_beyond_int32_indexing_are_refused():
+    """The flat table of all pairs is indexed in int32: 464425 pairs of 68 x 68 bins (APE of
+    about 964 images at L = 64) reach 2^31 entries and are refused by name, not overflowed."""
+    pairs = 2**31 // 68**2 + 1
+    a = jnp.zeros((pairs, 1), jnp.float32)
+    r = (jnp.zeros(pairs), jnp.ones(pairs))
+    with pytest.raises(ValueError, match="2\\^31"):
+        density.group_pair_histograms(a, a, jnp.ones(1), r, r, 64)
+    ok = density.group_pair_histograms(a[:2], a[:2], jnp.ones(1), (r[0][:2], r[1][:2]), (r[0][:2], r[1][:2]), 64)
+    assert ok.shape == (2, 68, 68)

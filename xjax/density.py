@@ -134,7 +134,8 @@ def group_pair_histograms(a, b, weights, range_a, range_b, bins: int):
     Each voxel spreads ``4 x 4`` kernel weights (tensor product of the two 1D cubic B-spline
     kernels); taps outside the ``L + 4`` bins are dropped. All pairs are built by ONE scatter-add
     into a flat table (rows offset by pair): on CPU a ``vmap`` of per-pair scatters takes several
-    times longer to compile.
+    times longer to compile. The table must have fewer than ``2**31`` entries (APE of about 960
+    images at ``L = 64``); a larger one raises ``ValueError``.
 
     Args:
       a, b: ``(P, n)`` intensities of the same ``n`` voxels in the two members of each pair.
@@ -144,6 +145,9 @@ def group_pair_histograms(a, b, weights, range_a, range_b, bins: int):
     """
     size = bins + 2 * PADDING
     pairs = a.shape[0]
+    if pairs * size * size >= 2**31:
+        raise ValueError(f"{pairs} joint histograms of {size} x {size} bins exceed the 2^31 entries "
+                         "that one scatter can index: use fewer images (pairs) or bins")
     taps = jnp.arange(4, dtype=jnp.int32)
 
     def spread(u, lo, hi):
