@@ -16,14 +16,16 @@ timed with its gradient with respect to the intensities (what a registration ste
 All four are checked against each other before timing. Medians of repeated runs after a warm-up;
 compile time apart.
 
-    python experiments/bench_histogram.py [--images 10] [--samples 6554] [--bins 64] [--classes 4]
+    python experiments/bench/bench_histogram.py [--images 10] [--samples 6554] [--bins 64] [--classes 4]
 
-Prints a markdown table and writes it to experiments/results/bench_histogram.md.
+Prints a markdown table and writes ``bench_histogram.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import machine, write_text
+import benchtools
 from xjax.density import PADDING, bin_positions, bspline3, group_joint_histograms, parzen_taps
 
 
@@ -103,24 +105,23 @@ def bench(name, fn, args, bins, repeats):
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return {"name": name, "compile_s": compile_s, "ms": 1e3 * float(np.median(times))}
+    ms = 1e3 * benchtools.median_seconds(lambda: compiled(*args), repeats)
+    return {"name": name, "compile_s": compile_s, "ms": ms}
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--samples", type=int, default=6554, help="per image (10%% of 256 x 256)")
     parser.add_argument("--bins", type=int, default=64)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_histogram.md")
+    parser.add_argument("--quick", action="store_true", help="3 images x 512 samples, 3 repeats")
+    parser.add_argument("--note", default="", help="conditions of the run, written into the report")
+    parser.add_argument("--out", type=Path, default=benchtools.RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.samples, args.repeats = 3, 512, 3
 
     key = jax.random.key(0)
     u = jax.random.normal(key, (args.images, args.samples))
@@ -132,25 +133,19 @@ def main(argv=None):
         np.testing.assert_allclose(np.asarray(fn(u, w, lo, hi, args.bins)), reference, rtol=1e-4, atol=1e-3)
         rows.append(bench(name, fn, (u, w, lo, hi), args.bins, args.repeats))
     best = min(r["ms"] for r in rows)
-    lines = [
-        f"# Parzen class x intensity histograms: {args.images} images x {args.samples} samples, "
-        f"L = {args.bins}, K = {args.classes}, value and gradient",
-        "",
-        f"Machine: {machine()}, jaxlib {jax.lib.__version__}",
-        f"Command: `python experiments/bench_histogram.py --images {args.images} --samples {args.samples} "
-        f"--bins {args.bins} --classes {args.classes} --repeats {args.repeats}`",
-        "",
-        "| formulation | median ms | x fastest | compile s |",
-        "|---|---|---|---|",
-        *[f"| {r['name']} | {r['ms']:.2f} | {r['ms'] / best:.1f} | {r['compile_s']:.2f} |" for r in rows],
-        "",
-        "Medians of repeated calls after a warm-up. All formulations agree with the scatter-add to "
-        "float32 round-off before they are timed.",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_text(args.out, text)
+    table = benchtools.markdown_table(
+        ["formulation", "median ms", "x fastest", "compile s"],
+        [[r["name"], f"{r['ms']:.2f}", f"{r['ms'] / best:.1f}", f"{r['compile_s']:.2f}"] for r in rows])
+    cmd = "python experiments/bench/bench_histogram.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    benchtools.report(
+        args.out / "bench_histogram.md",
+        f"Parzen class x intensity histograms: {args.images} images x {args.samples} samples, "
+        f"L = {args.bins}, K = {args.classes}, value and gradient", cmd.strip(),
+        [table, "Medians of repeated calls after a warm-up. All formulations agree with the scatter-add "
+                "to float32 round-off before they are timed." + (f" Conditions: {args.note}" if args.note else "")])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
