@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 import benchtools
 import xjax
@@ -77,7 +78,7 @@ def measure(name: str, case: Case, repeats: int, bandwidth: float) -> dict:
     objective, state, idx = config.metric, problem.state, problem.drawn.index
     flat = images.reshape(n, v)
     lo, hi = flat.min(axis=1), flat.max(axis=1)
-    weights = jax.numpy.ones((v,), images.dtype)
+    weights = jnp.ones((v,), images.dtype)
 
     estep = jax.jit(lambda st, u: objective.update(st, u, weights, lo, hi, BINS, idx))
     metric = jax.jit(jax.value_and_grad(
