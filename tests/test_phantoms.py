@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from xjax import phantoms
 from xjax.evaluate import gwi
 from xjax.grid import Grid
 from xjax.phantoms import (
@@ -124,6 +125,27 @@ def test_bias_field_and_noise_levels():
     table = np.asarray(noisy.intensity_table)
     np.testing.assert_allclose(residual.std(axis=(1, 2)), 0.05 * np.ptp(table, axis=1), rtol=0.05)
     assert abs(np.corrcoef(residual[0].ravel(), residual[1].ravel())[0, 1]) < 0.05
+
+
+def test_render_mixes_class_probabilities_through_the_table():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=(20, 18))  # (20, 18, 4)
+    table = np.array([[0.0, 0.3, 0.6, 0.9], [0.0, 0.9, 0.5, 0.2]])
+    clean = phantoms.render(jax.random.key(1), probs, table, bias=0.0, noise=0.0)
+    expected = np.einsum("xyk,nk->nxy", probs, table)  # partial-volume mixture, per modality
+    np.testing.assert_allclose(clean, expected, atol=1e-6)
+    biased = phantoms.render(jax.random.key(1), probs, table, bias=0.3, noise=0.0)
+    ratio = biased[:, expected[0] > 0.2] / expected[:, expected[0] > 0.2]
+    assert np.all(np.abs(ratio - 1) <= 0.3 + 1e-6) and np.all(np.ptp(ratio, axis=1) > 0.05)
+    np.testing.assert_array_equal(biased, phantoms.render(jax.random.key(1), probs, table, bias=0.3,
+                                                          noise=0.0))  # a function of the key
+    default = phantoms.render(jax.random.key(1), probs, noise=0.0, bias=0.0)
+    np.testing.assert_allclose(default, np.einsum("xyk,nk->nxy", probs, phantoms.TISSUE_TABLE),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="table"):
+        phantoms.render(jax.random.key(1), probs, table[:, :3])
+    with pytest.raises(ValueError, match="bias"):
+        phantoms.render(jax.random.key(1), probs, table, bias=1.5)
 
 
 @pytest.mark.parametrize("bad", [dict(shape=(32,)), dict(shape=(4, 32)), dict(num_classes=13),

@@ -27,16 +27,17 @@ from xjax.transforms.base import apply_linear, grid_points
 from xjax.transforms.bspline import BSplineFFD
 from xjax.transforms.linear import rotation_matrix
 
-__all__ = ["MisalignedGroup", "Phantom", "make_phantom", "misaligned_group", "random_ffd",
-           "random_rigid", "warp"]
+__all__ = ["TISSUE_TABLE", "MisalignedGroup", "Phantom", "make_phantom", "misaligned_group",
+           "random_ffd", "random_rigid", "render", "warp"]
 
 _MAX_CLASSES = 12
 
 # Mean intensity of background, CSF, grey matter and white matter in the first three modalities:
 # T1-like (increasing), T2-like (reversed) and PD-like (grey matter brightest).
-_TISSUE_TABLE = np.array([[0.0, 0.25, 0.55, 0.85],
-                          [0.0, 0.95, 0.60, 0.35],
-                          [0.0, 0.55, 0.90, 0.70]])
+TISSUE_TABLE = np.array([[0.0, 0.25, 0.55, 0.85],
+                         [0.0, 0.95, 0.60, 0.35],
+                         [0.0, 0.55, 0.90, 0.70]])
+TISSUE_TABLE.flags.writeable = False
 
 # Anatomy in normalised coordinates q = p / semi_axes, p in [-1, 1] across the field of view.
 # Boundary b (head / CSF-GM / GM-WM) lies where |q| + amplitude_b * n_b(p) = threshold_b, with n_b a
@@ -149,13 +150,35 @@ def _intensity_table(rng, num_modalities: int, num_classes: int):
     distinct levels in [0.2, 1] over the foreground classes. Background is 0 everywhere."""
     rows = min(num_modalities, 3)
     extra = rng.uniform(0.15, 1.0, size=(rows, max(num_classes - 4, 0)))
-    table = np.concatenate([_TISSUE_TABLE[:rows, : min(num_classes, 4)], extra], axis=1)
+    table = np.concatenate([TISSUE_TABLE[:rows, : min(num_classes, 4)], extra], axis=1)
     if num_modalities > 3:
         levels = np.linspace(0.2, 1.0, num_classes - 1)
         more = np.stack([np.concatenate([[0.0], rng.permutation(levels)])
                          for _ in range(num_modalities - 3)])
         table = np.concatenate([table, more], axis=0)
     return table
+
+
+def _normalised_points(shape) -> np.ndarray:
+    """``(*shape, D)`` voxel positions scaled to [-1, 1] across the field of view."""
+    return 2 * np.moveaxis(np.indices(shape), 0, -1) / (np.asarray(shape) - 1.0) - 1
+
+
+def _bias_and_noise(rng, images, table, p, bias: float, noise: float):
+    """``images * (1 + bias * b_n) + noise * range_n * normal``: a smooth bias field ``b_n`` in
+    [-1, 1] and Gaussian noise per modality row ``n`` of ``images`` ``(N, *shape)``, the noise
+    scaled by the intensity range of ``table[n]``; ``p`` the normalised points."""
+    fields = np.stack([_smooth_field(rng, p, _BIAS_MAX_FREQ) for _ in range(images.shape[0])])
+    images = images * (1 + bias * fields)
+    scale = noise * (table.max(axis=1) - table.min(axis=1))
+    return images + scale.reshape((-1,) + (1,) * (images.ndim - 1)) * rng.normal(size=images.shape)
+
+
+def _check_appearance(bias: float, noise: float) -> None:
+    if not 0 <= bias < 1:
+        raise ValueError(f"bias must be in [0, 1), got {bias}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
 
 
 def make_phantom(key, shape: Sequence[int], *, num_modalities: int = 3, num_classes: int = 4,
@@ -197,24 +220,49 @@ def make_phantom(key, shape: Sequence[int], *, num_modalities: int = 3, num_clas
         raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
     if not 2 <= num_classes <= _MAX_CLASSES:
         raise ValueError(f"num_classes must be in [2, {_MAX_CLASSES}], got {num_classes}")
-    if not 0 <= bias < 1:
-        raise ValueError(f"bias must be in [0, 1), got {bias}")
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_appearance(bias, noise)
     if smooth < 0:
         raise ValueError(f"smooth must be >= 0 voxels, got {smooth}")
     grid = Grid.regular(shape, spacing)
     rng = _rng(key)
-    p = 2 * np.moveaxis(np.indices(shape), 0, -1) / (np.asarray(shape) - 1.0) - 1
+    p = _normalised_points(shape)
     labels = _anatomy(rng, p, num_classes)
     table = _intensity_table(rng, num_modalities, num_classes)
     images = _gaussian_blur(table[:, labels], smooth)
-    bias_fields = np.stack([_smooth_field(rng, p, _BIAS_MAX_FREQ) for _ in range(num_modalities)])
-    images *= 1 + bias * bias_fields
-    scale = noise * (table.max(axis=1) - table.min(axis=1))
-    images += scale.reshape((-1,) + (1,) * len(shape)) * rng.normal(size=images.shape)
+    images = _bias_and_noise(rng, images, table, p, bias, noise)
     return Phantom(jnp.asarray(images, jnp.float32), jnp.asarray(labels), grid,
                    jnp.asarray(table, jnp.float32))
+
+
+def render(key, probabilities, table=TISSUE_TABLE, *, bias: float = 0.2, noise: float = 0.03):
+    """Images of an anatomy given as class probabilities (e.g. tissue priors), with the phantoms'
+    appearance model.
+
+    Modality ``n`` is the partial-volume mixture ``sum_k probabilities_k * table[n, k]``, times a
+    smooth bias field ``1 + bias * b_n(x)`` with ``b_n`` in [-1, 1], plus Gaussian noise of standard
+    deviation ``noise`` times the intensity range of ``table[n]`` (as :func:`make_phantom`).
+
+    Args:
+      key: PRNG key; bias fields and noise are a deterministic function of it.
+      probabilities: ``(*shape, K)`` class probabilities (2D or 3D), channels-last.
+      table: ``(N, K)`` class means per modality; default :data:`TISSUE_TABLE` (background, CSF,
+        grey matter, white matter in T1-, T2- and PD-like modalities).
+      bias: relative amplitude of the bias field, in ``[0, 1)``.
+      noise: noise standard deviation relative to each row's intensity range, ``>= 0``.
+
+    Returns:
+      ``(N, *shape)`` float32 images.
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    table = np.asarray(table, np.float64)
+    if probabilities.ndim not in (3, 4) or table.ndim != 2 or table.shape[1] != probabilities.shape[-1]:
+        raise ValueError(f"probabilities must be (*shape, K) in 2D or 3D and table (N, K), got "
+                         f"{probabilities.shape} and {table.shape}")
+    _check_appearance(bias, noise)
+    shape = probabilities.shape[:-1]
+    clean = np.moveaxis(probabilities @ table.T, -1, 0)
+    images = _bias_and_noise(_rng(key), clean, table, _normalised_points(shape), bias, noise)
+    return images.astype(np.float32)
 
 
 def _levels(name: str, value, count: int | None = None) -> tuple[float, ...]:
