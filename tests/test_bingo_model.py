@@ -101,7 +101,7 @@ def test_inverse_composes_to_the_identity_and_warps_are_consistent():
     composed = jax.vmap(bingo.warp, in_axes=(0, 0, None))(out.displacement, out.inverse, GRID)
     residual = np.linalg.norm(np.asarray(out.inverse + composed)[:, 4:-4, 4:-4], axis=-1)
     size = np.linalg.norm(np.asarray(out.displacement)[:, 4:-4, 4:-4], axis=-1)
-    assert size.max() > 2.0
+    assert size.max() > 1.0  # mm, on 1-1.5 mm voxels
     assert residual.mean() < 0.15 * size.mean()
     # The registered image is the input pulled through phi (brute-force bilinear, isotropic index).
     index = np.stack(np.meshgrid(*map(np.arange, GRID.shape), indexing="ij"), -1)
@@ -114,6 +114,19 @@ def test_inverse_composes_to_the_identity_and_warps_are_consistent():
     ref = sum(((f[..., 0] if a else 1 - f[..., 0]) * (f[..., 1] if b else 1 - f[..., 1]))
               * img[lo[..., 0] + a, lo[..., 1] + b] for a in (0, 1) for b in (0, 1))
     np.testing.assert_allclose(np.asarray(out.warped[0]), ref, atol=1e-5)
+
+
+def test_velocities_are_centred_on_the_group():
+    model = _model()
+    graphdef, state = nnx.split(model)
+    images, modalities = _images(4, seed=5), jnp.array([0, 1, 2, 1])
+    out, _ = _forward(graphdef, state, images, modalities, GRID)
+    for mu, _ in out.velocity:  # the group mean of every level's velocity is removed
+        assert float(jnp.abs(mu).max()) > 1e-2
+        np.testing.assert_allclose(np.asarray(jnp.mean(mu, axis=0)), 0.0, atol=1e-6)
+    one, _ = _forward(graphdef, state, images[:1], modalities[:1], GRID)
+    np.testing.assert_array_equal(np.asarray(one.displacement), 0.0)  # nothing to register
+    np.testing.assert_allclose(np.asarray(one.warped), np.asarray(images[:1]), atol=1e-6)
 
 
 def test_chunked_registration_equals_one_pass():

@@ -72,7 +72,7 @@ def load_manifest(path):
 
 
 def train_files(manifest, output, *, scheme="complete", steps=1000, batch=4, features=(8, 16, 32),
-                latent=4, lr=1e-3, weights=(1.0, 0.01, 0.01), smoothness=10.0, checkpoint=None,
+                latent=4, lr=1e-3, weights=(1.0, 0.1, 1.0), smoothness=10.0, checkpoint=None,
                 log=None, seed=0, fast_compile=False, force=False, quiet=False) -> dict:
     """Train on a manifest and write the weights (``bingo_train.save_model``); returns a summary."""
     from xjax.io import check_output_path
@@ -161,7 +161,7 @@ def add_parser(commands) -> None:
                        help="encoder widths per level, finest first (the number of levels)")
     train.add_argument("--latent", type=int, default=4, help="channels of z per level")
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.01, 0.01],
+    train.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.1, 1.0],
                        metavar=("L1", "L2", "L3"),
                        help="ELBO weights: reconstruction, velocity KL, structure KL")
     train.add_argument("--smoothness", type=float, default=10.0, help="velocity prior precision")

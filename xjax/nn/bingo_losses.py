@@ -41,11 +41,18 @@ class ElboWeights:
       structure: ``lambda_3``, weight of the common-structure KL bound (Eq. 6).
       smoothness: ``lambda`` of the velocity prior ``p(v) = N(0, (lambda * Lap)^-1)`` (the graph
         Laplacian prior of Dalca et al., the paper's reference [5]), per voxel of each level.
+
+    The paper gives no values. The defaults come from 300-step trainings on synthetic phantom
+    groups (48 x 48, random FFDs): with ``velocity = structure = 0.01`` the model learned
+    deformations that lower the reconstruction error and the structure KL below their values at
+    the true alignment without aligning (the residual misalignment grew from 1.26 to 2.42 mm);
+    ``structure = 1`` makes the experts agree and ``velocity = 0.1`` prices such deformations
+    out (1.26 to 1.19 mm); ``velocity = 1`` left the groups almost where they were.
     """
 
     reconstruction: float = 1.0
-    velocity: float = 0.01
-    structure: float = 0.01
+    velocity: float = 0.1
+    structure: float = 1.0
     smoothness: float = 10.0
 
     def __post_init__(self):
