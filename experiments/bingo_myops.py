@@ -187,6 +187,8 @@ def main(argv=None) -> int:
         size, config = 64, MODEL
     train_slices, grid = load_slices(train_ids, size)
     test_slices, _ = load_slices(test_ids, size)
+    if args.quick:
+        test_slices = test_slices[:2]
     images, _, _ = misalign(train_slices, grid, args.seed, args.draws, 6.0)
     data = bingo_train.GroupData(images, np.ones(images.shape[:2], bool))
     test = test_images, test_true, test_masks = misalign(test_slices, grid, args.seed + 1, 1, 6.0)
