@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gib", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="N = 2 and G = 1, 2 on 32^2 images, 2 repeats")
-    parser.add_argument("--note", default="", help="conditions of the run, written into the report")
-    parser.add_argument("--out", type=Path, default=benchtools.RESULTS)
+    benchtools.add_report_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.size, args.batches, args.batch_group, args.repeats, args.long = [2], 32, [1, 2], [3, 32], 2, 6
@@ -138,10 +135,9 @@ def main(argv=None) -> int:
                 f"10% sampling, one pyramid level; per-step time = slope between runs of {args.short} and "
                 f"{args.long} steps, medians of {args.repeats} runs after a warm-up; memory is XLA's plan "
                 "(arguments, outputs, temporaries) of the longer program.")
-    cmd = "python experiments/bench/bench_groups.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    benchtools.report(args.out / "bench_groups.md", "Large groups and batches of groups", cmd.strip(), [
-        protocol + (f" Conditions: {args.note}" if args.note else ""),
+    cmd = benchtools.common.command("bench/bench_groups.py", argv)
+    benchtools.report(args.out / "bench_groups.md", "Large groups and batches of groups", cmd, [
+        benchtools.with_note(protocol, args.note),
         f"## One step against the group size N ({args.size} x {args.size} images)",
         size_table,
         f"Growth over the three largest N measured: {exponents}.",

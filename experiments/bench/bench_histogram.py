@@ -24,10 +24,7 @@ Prints a markdown table and writes ``bench_histogram.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="3 images x 512 samples, 3 repeats")
-    parser.add_argument("--note", default="", help="conditions of the run, written into the report")
-    parser.add_argument("--out", type=Path, default=benchtools.RESULTS)
+    benchtools.add_report_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.samples, args.repeats = 3, 512, 3
@@ -136,14 +132,13 @@ def main(argv=None) -> int:
     table = benchtools.markdown_table(
         ["formulation", "median ms", "x fastest", "compile s"],
         [[r["name"], f"{r['ms']:.2f}", f"{r['ms'] / best:.1f}", f"{r['compile_s']:.2f}"] for r in rows])
-    cmd = "python experiments/bench/bench_histogram.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = benchtools.common.command("bench/bench_histogram.py", argv)
     benchtools.report(
         args.out / "bench_histogram.md",
         f"Parzen class x intensity histograms: {args.images} images x {args.samples} samples, "
-        f"L = {args.bins}, K = {args.classes}, value and gradient", cmd.strip(),
-        [table, "Medians of repeated calls after a warm-up. All formulations agree with the scatter-add "
-                "to float32 round-off before they are timed." + (f" Conditions: {args.note}" if args.note else "")])
+        f"L = {args.bins}, K = {args.classes}, value and gradient", cmd,
+        [table, benchtools.with_note("Medians of repeated calls after a warm-up. All formulations agree with "
+                                     "the scatter-add to float32 round-off before they are timed.", args.note)])
     return 0
 
 

@@ -22,9 +22,7 @@ Prints a markdown table and writes ``bench_kernels.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -115,8 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=[c for c in CASES if c not in QUICK], choices=CASES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help=f"cases {' '.join(QUICK)}, 2 repeats")
-    parser.add_argument("--note", default="", help="conditions of the run, written into the report")
-    parser.add_argument("--out", type=Path, default=benchtools.RESULTS)
+    benchtools.add_report_options(parser)
     args = parser.parse_args(argv)
     cases, repeats = (QUICK, 2) if args.quick else (args.cases, args.repeats)
     platform = jax.devices()[0].platform
@@ -143,10 +140,9 @@ def main(argv=None) -> int:
                 f"K = {K}, L = {BINS}, {SAMPLE_RATE:.0%} of the voxels sampled per step, E-step over the "
                 f"whole grid; medians of {repeats} runs after a warm-up. Streaming bandwidth measured "
                 f"here: {bandwidth:.1f} GB/s; the floor is (4 N + 8 K) V bytes at that bandwidth.")
-    cmd = "python experiments/bench/bench_kernels.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    benchtools.report(args.out / "bench_kernels.md", "One X-CoReg step and its kernels", cmd.strip(),
-                      [protocol + (f" Conditions: {args.note}" if args.note else ""), table, *compared])
+    cmd = benchtools.common.command("bench/bench_kernels.py", argv)
+    benchtools.report(args.out / "bench_kernels.md", "One X-CoReg step and its kernels", cmd,
+                      [benchtools.with_note(protocol, args.note), table, *compared])
     return 0
 
 

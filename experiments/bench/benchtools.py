@@ -117,6 +117,17 @@ def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f}"
 
 
+def add_report_options(parser) -> None:
+    """The options of every part's report: ``--note`` (conditions of the run) and ``--out``."""
+    parser.add_argument("--note", default="", help="conditions of the run, written into the report")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def with_note(text: str, note: str) -> str:
+    """``text`` followed by the run's conditions, when there are any."""
+    return text + (f" Conditions: {note}" if note else "")
+
+
 def report(path: Path, title: str, cmd: str, sections: list[str]) -> str:
     """Print and write a benchmark report (title, command, machine, sections)."""
     text = "\n\n".join([f"# {title}", f"Command: `{cmd}`", f"Machine: {device_line()}", *sections]) + "\n"
