@@ -221,19 +221,32 @@ def load_spm12(data: Path, names: Sequence[str], axial_slice: int | None = None)
         images.append(image)
         grids.append(grid)
     group, grid = io.to_common_space(images, grids, 0)
-    priors = [io.to_common_space([p], [g], 0)[0][0] for p, g in
-              (io.load_image(need(folder / "toolbox" / "OldSeg" / f"{t}.nii")) for t in SPM12_TISSUES)]
-    priors = np.stack(priors)
+    priors, _ = load_spm12_priors(data)
     if priors.shape[1:] != grid.shape:
         raise ValueError(f"tissue priors {priors.shape[1:]} are not on the template grid {grid.shape}")
     labels = np.where(priors.sum(0) > 0.5, 1 + priors.argmax(0), 0).astype(np.int32)
     if axial_slice is None:
         return group, labels, grid
+    return group[..., axial_slice], labels[..., axial_slice], axial_plane(grid)
+
+
+def load_spm12_priors(data: Path):
+    """The spm12 tissue priors of :data:`SPM12_TISSUES` (``toolbox/OldSeg``): ``(3, 91, 109, 91)``
+    probabilities and their grid (2 mm MNI)."""
+    folder = data / "spm12_templates" / "toolbox" / "OldSeg"
+    loaded = [io.load_image(need(folder / f"{t}.nii")) for t in SPM12_TISSUES]
+    grid = loaded[0][1]
+    if any(g != grid for _, g in loaded):
+        raise ValueError("the spm12 tissue priors are not on one grid")
+    return np.stack([v for v, _ in loaded]), grid
+
+
+def axial_plane(grid: Grid) -> Grid:
+    """The 2D grid of an axial slice (a plane of the first two axes) of an axis-aligned 3D grid."""
     a = grid.matrix
     if not (np.allclose(a[:2, 2], 0) and np.allclose(a[2, :2], 0)):
-        raise ValueError("the template grid is not axis aligned: axial slices are not x-y planes")
-    plane = Grid(grid.shape[:2], a[np.ix_([0, 1, 3], [0, 1, 3])])
-    return group[..., axial_slice], labels[..., axial_slice], plane
+        raise ValueError("the grid is not axis aligned: axial slices are not x-y planes")
+    return Grid(grid.shape[:2], a[np.ix_([0, 1, 3], [0, 1, 3])])
 
 
 def block_average(image, grid: Grid, step: int):

@@ -63,6 +63,9 @@ from xjax.grid import Grid
 from xjax.io import load_image, pull_image
 from xjax.nn import dcc, dcc_losses, dcc_train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "experiments" / "results"
@@ -108,7 +111,6 @@ def load_myops(subjects, middle_only):
     return np.stack(groups).astype(np.float32)
 
 
-SPM12_TISSUES = ("csf", "grey", "white")  # classes 1, 2, 3; 0 the background
 SPM12_SHAPE, SPM12_PIXEL_MM = (64, 64), 3.0
 
 
@@ -120,15 +122,9 @@ def spm12_priors(slices):
       ``(len(slices), 64, 64, 4)`` float32 probabilities of (background, CSF, grey, white), the
       background ``1 - (CSF + grey + white)`` clipped to [0, 1].
     """
-    folder = DATA / "spm12_templates" / "toolbox" / "OldSeg"
-    volumes = [load_image(folder / f"{t}.nii") for t in SPM12_TISSUES]
-    priors, grid = np.stack([v for v, _ in volumes], -1), volumes[0][1]
-    if any(g != grid for _, g in volumes):
-        raise ValueError("the spm12 tissue priors are not on one grid")
-    a = grid.matrix
-    if not (np.allclose(a[:2, 2], 0) and np.allclose(a[2, :2], 0)):
-        raise ValueError("the prior grid is not axis aligned: axial slices are not x-y planes")
-    plane = Grid(grid.shape[:2], a[np.ix_([0, 1, 3], [0, 1, 3])])
+    priors, grid = common.load_spm12_priors(DATA)
+    priors = np.moveaxis(priors, 0, -1)
+    plane = common.axial_plane(grid)
     m = plane.matrix
     m[:2, :2] *= SPM12_PIXEL_MM / plane.spacing  # same axis directions, 3 mm pixels
     m[:2, 2] = plane.center - m[:2, :2] @ ((np.asarray(SPM12_SHAPE) - 1) / 2)
