@@ -46,6 +46,12 @@ Choices the paper leaves open, made here:
   (:func:`xjax.nn.bingo_losses.velocity_kl`), in voxels of each level.
 * Sampling: one reparameterised sample of each ``v^l_m`` and ``z^l`` per step in training; the
   posterior means (MAP) at inference.
+* ELBO weights (:class:`xjax.nn.bingo_losses.ElboWeights`): the L1 term is read as a Laplace
+  likelihood of scale ``b = 0.05`` of the [0, 1] intensity range (``lambda_1 = 20``), with
+  ``lambda_2 = 2`` and ``lambda_3 = 1``. With ``b = 1`` the experts carry only smooth outlines
+  and the group is warped towards one of them; with cheap deformations (``lambda_2`` small next
+  to ``lambda_1``) the model reconstructs each image through its own deformation instead of
+  aligning the group.
 * Decoder (generative): a U-Net up-path from ``z^1`` through ``z^2 .. z^L`` with one
   normalisation parameter set per modality (the appearance parameters) and a 1^D convolution to
   one channel.

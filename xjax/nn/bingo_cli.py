@@ -71,13 +71,23 @@ def load_manifest(path):
     return GroupData(np.stack(images), np.array(present, bool)), modalities, grid
 
 
+def _elbo_weights(weights, smoothness):
+    from xjax.nn.bingo_losses import ElboWeights
+
+    default = ElboWeights()
+    lambdas = (default.reconstruction, default.velocity, default.structure) if weights is None else weights
+    return ElboWeights(*lambdas, smoothness=default.smoothness if smoothness is None else smoothness)
+
+
 def train_files(manifest, output, *, scheme="complete", steps=1000, batch=4, features=(8, 16, 32),
-                latent=4, lr=1e-3, weights=(1.0, 0.1, 1.0), smoothness=10.0, checkpoint=None,
+                latent=4, lr=1e-3, weights=None, smoothness=None, checkpoint=None,
                 log=None, seed=0, fast_compile=False, force=False, quiet=False) -> dict:
-    """Train on a manifest and write the weights (``bingo_train.save_model``); returns a summary."""
+    """Train on a manifest and write the weights (``bingo_train.save_model``); returns a summary.
+
+    ``weights`` (``lambda_1..3``) and ``smoothness`` default to those of
+    :class:`~xjax.nn.bingo_losses.ElboWeights`."""
     from xjax.io import check_output_path
     from xjax.nn import bingo, bingo_train
-    from xjax.nn.bingo_losses import ElboWeights
     from xjax.progress import ProgressBar, null
 
     check_output_path(output, force)
@@ -87,7 +97,7 @@ def train_files(manifest, output, *, scheme="complete", steps=1000, batch=4, fea
                                decoder_features=tuple(features))
     train = bingo_train.TrainConfig(
         steps=steps, learning_rate=lr, batch_size=batch, scheme=scheme, seed=seed,
-        weights=ElboWeights(*weights, smoothness=smoothness), log_every=10,
+        weights=_elbo_weights(weights, smoothness), log_every=10,
         checkpoint_every=100 if checkpoint else 0)
     model = bingo.create(config, seed)
     start = time.perf_counter()
@@ -161,10 +171,11 @@ def add_parser(commands) -> None:
                        help="encoder widths per level, finest first (the number of levels)")
     train.add_argument("--latent", type=int, default=4, help="channels of z per level")
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.1, 1.0],
-                       metavar=("L1", "L2", "L3"),
-                       help="ELBO weights: reconstruction, velocity KL, structure KL")
-    train.add_argument("--smoothness", type=float, default=10.0, help="velocity prior precision")
+    train.add_argument("--weights", type=float, nargs=3, default=None, metavar=("L1", "L2", "L3"),
+                       help="ELBO weights: reconstruction, velocity KL, structure KL "
+                            "(default: xjax.nn.bingo_losses.ElboWeights, 20 2 1)")
+    train.add_argument("--smoothness", type=float, default=None,
+                       help="velocity prior precision (default 10)")
     train.add_argument("--checkpoint", metavar="PATH", help="training checkpoint: resumed if present")
     train.add_argument("--log", metavar="PATH", help="JSON-lines metrics log (appended)")
     train.add_argument("--seed", type=int, default=0)
