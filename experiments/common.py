@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 
 import xjax
@@ -239,6 +240,42 @@ def load_spm12_priors(data: Path):
     if any(g != grid for _, g in loaded):
         raise ValueError("the spm12 tissue priors are not on one grid")
     return np.stack([v for v, _ in loaded]), grid
+
+
+def load_mrus(pairs, slices, shape=(48, 64)):
+    """Axial slices of the MR / transrectal-ultrasound prostate pairs (``DATA/mrus_prostate``).
+
+    Each MR volume is resampled (linear; its gland label by nearest neighbour) onto its pair's
+    ultrasound grid (1.5 mm, 47 x 63 x 44); every slice is zero-padded at the far end to ``shape``.
+
+    Args:
+      pairs: pair indices (0-107).
+      slices: indices along the third axis of the ultrasound grid.
+      shape: the padded 2D shape.
+
+    Returns:
+      ``(images (P, 2, *shape) float32, labels (P, 2, *shape) int32)``, [ultrasound, MR] per
+      pair and slice (pair-major), the labels 1 on the gland.
+    """
+    folder = DATA / "mrus_prostate"
+
+    def pad(a):
+        out = np.zeros(a.shape[:-2] + tuple(shape), a.dtype)
+        out[..., :a.shape[-2], :a.shape[-1]] = a
+        return out
+
+    images, labels = [], []
+    for i in pairs:
+        us, grid = io.load_image(folder / "fixed_images" / f"obs{i:03d}.nii.gz")
+        mr, mr_grid = io.load_image(folder / "moving_images" / f"obs{i:03d}.nii.gz")
+        lu = nib.load(folder / "fixed_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0] > 0.5
+        lm = nib.load(folder / "moving_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0]
+        mr = io.pull_image(mr, mr_grid, grid)
+        lm = io.pull_image(lm, mr_grid, grid, order=0) > 0.5
+        for z in slices:
+            images.append(pad(np.stack([us[:, :, z], mr[:, :, z]])))
+            labels.append(pad(np.stack([lu[:, :, z], lm[:, :, z]]).astype(np.int32)))
+    return np.stack(images).astype(np.float32), np.stack(labels)
 
 
 def axial_plane(grid: Grid) -> Grid:

@@ -60,7 +60,7 @@ import xjax
 from xjax import evaluate, phantoms
 from xjax.progress import ProgressBar
 from xjax.grid import Grid
-from xjax.io import load_image, pull_image
+from xjax.io import pull_image
 from xjax.nn import dcc, dcc_losses, dcc_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,29 +70,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "experiments" / "results"
 WEIGHTS = ROOT / "xjax" / "nn" / "weights"
-
-
-def _pad(a, shape):
-    out = np.zeros(a.shape[:-2] + shape, a.dtype)
-    out[..., :a.shape[-2], :a.shape[-1]] = a
-    return out
-
-
-def load_mrus(pairs, slices):
-    """``(images (P, 2, 48, 64), labels (P, 2, 48, 64))``: [ultrasound, MR] per group."""
-    folder = DATA / "mrus_prostate"
-    images, labels = [], []
-    for i in pairs:
-        us, grid = load_image(folder / "fixed_images" / f"obs{i:03d}.nii.gz")
-        mr, mr_grid = load_image(folder / "moving_images" / f"obs{i:03d}.nii.gz")
-        lu = nib.load(folder / "fixed_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0] > 0.5
-        lm = nib.load(folder / "moving_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0]
-        mr = pull_image(mr, mr_grid, grid)
-        lm = pull_image(lm, mr_grid, grid, order=0) > 0.5
-        for z in slices:
-            images.append(_pad(np.stack([us[:, :, z], mr[:, :, z]]), (48, 64)))
-            labels.append(_pad(np.stack([lu[:, :, z], lm[:, :, z]]).astype(np.int32), (48, 64)))
-    return np.stack(images).astype(np.float32), np.stack(labels)
 
 
 def load_myops(subjects, middle_only):
@@ -187,8 +164,8 @@ def run(data_name: str, steps: int, quick: bool, strategies=None, seed: int = 0,
     true_disp, foreground = None, None
     if data_name == "mrus":
         train_pairs, test_pairs = (range(0, 2), range(80, 82)) if quick else (range(0, 80), range(80, 108))
-        images, labels = load_mrus(train_pairs, (20, 22) if quick else range(16, 29, 2))
-        test_images, test_labels = load_mrus(test_pairs, (22,))
+        images, labels = common.load_mrus(train_pairs, (20, 22) if quick else range(16, 29, 2))
+        test_images, test_labels = common.load_mrus(test_pairs, (22,))
         num_classes, modality, names = 2, [0, 1], ["US", "MR"]
         strategies = strategies or dcc_train.STRATEGIES
     elif data_name == "myops":
