@@ -1,7 +1,6 @@
-"""``xjax bingo train`` and ``xjax bingo predict`` on NIfTI groups, and the quick experiment."""
+"""``xjax bingo train`` and ``xjax bingo predict`` on NIfTI groups."""
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -9,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DATA, need
 from xjax import cli, phantoms
 from xjax.io import save_image
 
@@ -66,16 +64,3 @@ def test_train_then_predict_a_larger_group(tmp_path, capsys):
     assert cli.main(["bingo", "predict", str(weights), images[0], "--modalities", "Z",
                      "-o", str(tmp_path / "bad")]) == 2
     assert "not among the trained" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.data
-def test_quick_experiment_writes_its_table(tmp_path):
-    need(DATA / "myops2020")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import bingo_myops
-
-    out = tmp_path / "bingo_myops_quick.md"
-    assert bingo_myops.main(["--quick", "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "BInGo (complete)" in text and "BInGo (partial)" in text and "| 3 |" in text
