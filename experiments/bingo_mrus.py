@@ -47,19 +47,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from xjax import baselines, evaluate, phantoms, presets  # noqa: E402
+from xjax import evaluate, phantoms, presets  # noqa: E402
 from xjax.grid import Grid  # noqa: E402
 from xjax.nn import bingo, bingo_train  # noqa: E402
 from xjax.progress import ProgressBar  # noqa: E402
 
 MODALITIES = ("US", "MR")
 TEST_SLICE = 22
-MODEL = bingo.BingoConfig(ndim=2, num_modalities=2, features=(8, 16, 32), latent=4, reg_features=16,
-                          decoder_features=(8, 16, 16), svf_steps=6)
-QUICK_MODEL = bingo.BingoConfig(ndim=2, num_modalities=2, features=(4, 8), latent=2, reg_features=8,
-                                decoder_features=(4, 8), svf_steps=4)
+MODEL, QUICK_MODEL = common.bingo_models(2)
 LEARNING_RATE = 3e-3
-ITERATIVE = {"X-CoReg": None, "APE": baselines.APE(), "CTE": baselines.CTE()}
+ITERATIVE = common.ITERATIVE_OBJECTIVES
 
 
 def normalised(images):

@@ -49,16 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import xjax  # noqa: E402
-from xjax import baselines, evaluate, phantoms, presets  # noqa: E402
+from xjax import evaluate, phantoms, presets  # noqa: E402
 from xjax.grid import Grid  # noqa: E402
 from xjax.nn import bingo, bingo_train, dcc, dcc_losses, dcc_train  # noqa: E402
 from xjax.progress import ProgressBar  # noqa: E402
 
 SEQUENCES = ("C0", "DE", "T2")
-MODEL = bingo.BingoConfig(ndim=2, num_modalities=3, features=(8, 16, 32), latent=4, reg_features=16,
-                          decoder_features=(8, 16, 16), svf_steps=6)
-QUICK_MODEL = bingo.BingoConfig(ndim=2, num_modalities=3, features=(4, 8), latent=2, reg_features=8,
-                                decoder_features=(4, 8), svf_steps=4)
+MODEL, QUICK_MODEL = common.bingo_models(3)
 LEARNING_RATE = 3e-3
 FFD_SPACING = 40.0  # mm
 
@@ -124,7 +121,7 @@ def scores(register, test, aligned, grid):
             gwi_of_triples(np.zeros_like(true), moved, masks, grid), seconds)
 
 
-ITERATIVE = {"X-CoReg": None, "APE": baselines.APE(), "CTE": baselines.CTE()}
+ITERATIVE = common.ITERATIVE_OBJECTIVES
 
 
 def iterative_config(method: str, quick: bool = False) -> xjax.Config:

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 import xjax
-from xjax import io
+from xjax import baselines, io
 from xjax.grid import Grid
 from xjax.registration import pyramid
 
@@ -332,3 +332,24 @@ def compile_registration(images, grid: Grid, config, labels=None, mask=None):
         return compiled(jnp.asarray(images), array(labels), array(mask), key)
 
     return run, seconds, mib
+
+
+#: The iterative methods the network experiments compare with: X-CoReg (the default objective),
+#: APE and CTE, by the objective each puts in an :class:`xjax.Config`.
+ITERATIVE_OBJECTIVES = {"X-CoReg": None, "APE": baselines.APE(), "CTE": baselines.CTE()}
+
+
+def bingo_models(num_modalities: int, top_decoder_features: int = 16):
+    """The BInGo experiments' 2D model (three levels) and the quick mode's small one (two levels).
+
+    Returns:
+      ``(model, quick)`` :class:`xjax.nn.bingo.BingoConfig` s.
+    """
+    from xjax.nn import bingo
+
+    model = bingo.BingoConfig(ndim=2, num_modalities=num_modalities, features=(8, 16, 32), latent=4,
+                              reg_features=16, decoder_features=(8, 16, top_decoder_features),
+                              svf_steps=6)
+    quick = bingo.BingoConfig(ndim=2, num_modalities=num_modalities, features=(4, 8), latent=2,
+                              reg_features=8, decoder_features=(4, 8), svf_steps=4)
+    return model, quick
