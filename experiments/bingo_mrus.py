@@ -139,11 +139,12 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.with_name(f"{out.stem}_log.jsonl")
-    log.unlink(missing_ok=True)
+    log = None if args.quick else out.with_name(f"{out.stem}_log.jsonl")
+    if log is not None:
+        log.unlink(missing_ok=True)
     model, history, train_seconds = train_model(
         bingo_train.GroupData(data, np.ones(data.shape[:2], bool)), grid, args.steps, config, args.seed,
-        None if args.quick else log, args.quick)
+        log, args.quick)
 
     rng = np.random.default_rng(args.seed + 1)
     tests = {size: populations(test_images, test_labels, size, args.groups, rng) for size in args.sizes}
