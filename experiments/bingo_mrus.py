@@ -49,7 +49,9 @@ import common  # noqa: E402
 
 from xjax import evaluate, phantoms, presets  # noqa: E402
 from xjax.grid import Grid  # noqa: E402
-from xjax.nn import bingo, bingo_train  # noqa: E402
+from xjax.intensity import unit_range  # noqa: E402
+from xjax.nn import bingo  # noqa: E402
+from xjax.nn.bingo import train as bingo_train  # noqa: E402
 from xjax.progress import ProgressBar  # noqa: E402
 
 MODALITIES = ("US", "MR")
@@ -62,7 +64,7 @@ ITERATIVE = common.ITERATIVE_OBJECTIVES
 def normalised(images):
     """Every image of ``(..., *spatial)`` groups to [0, 1] by its own percentiles."""
     flat = np.asarray(images).reshape((-1,) + images.shape[-2:])
-    return bingo_train.normalise(flat).reshape(images.shape)
+    return unit_range(flat).reshape(images.shape)
 
 
 def intersubject_pairs(images, slices_per_pair: int, draws: int, seed: int):

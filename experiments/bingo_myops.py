@@ -51,7 +51,11 @@ import common  # noqa: E402
 import xjax  # noqa: E402
 from xjax import evaluate, phantoms, presets  # noqa: E402
 from xjax.grid import Grid  # noqa: E402
-from xjax.nn import bingo, bingo_train, dcc, dcc_losses, dcc_train  # noqa: E402
+from xjax.intensity import unit_range, zscore  # noqa: E402
+from xjax.nn import bingo, dcc  # noqa: E402
+from xjax.nn.bingo import train as bingo_train  # noqa: E402
+from xjax.nn.dcc import losses as dcc_losses  # noqa: E402
+from xjax.nn.dcc import train as dcc_train  # noqa: E402
 from xjax.progress import ProgressBar  # noqa: E402
 
 SEQUENCES = ("C0", "DE", "T2")
@@ -72,7 +76,7 @@ def load_slices(subjects, size: int, crop: int = 256):
         data = data.reshape(3, size, factor, size, factor, -1).mean((2, 4))
         spacing = float(vols[0].header.get_zooms()[0]) * factor
         for z in range(data.shape[-1]):
-            out.append(bingo_train.normalise(data[..., z]))
+            out.append(unit_range(data[..., z]))
     return np.stack(out), Grid.regular((size, size), spacing)
 
 
@@ -189,7 +193,7 @@ def train_dgr(slices, grid, steps: int, magnitude: float, seed: int, log: Path |
     modality, labelled = jnp.arange(3), jnp.zeros(3, bool)
 
     def predict(group):
-        out = predictor(state, dcc.normalise(group), modality, labelled, data.prior)
+        out = predictor(state, zscore(group), modality, labelled, data.prior)
         return dcc.displacement_to_mm(out.displacement, grid)
 
     return predict, seconds

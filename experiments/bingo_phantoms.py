@@ -11,7 +11,7 @@ FFD (24 mm control points, coefficients uniform in +-8 mm); intensities to [0, 1
 99.5 percentiles. Phantoms 0 .. ``--train`` - 1 train (``--draws`` misalignments each), phantoms
 5000 .. 5000 + ``--test`` - 1 test (one misalignment each); no test phantom is seen in training.
 
-BInGo: the library's default ELBO weights (``xjax.nn.bingo_losses.ElboWeights``), Adam at 3e-3
+BInGo: the library's default ELBO weights (``xjax.nn.bingo.losses.ElboWeights``), Adam at 3e-3
 (the paper's 1e-3 learns too slowly for a CPU budget of a few thousand steps), 4 groups per step;
 the test groups are registered (MAP velocities) every ``--eval-every`` steps for the curve.
 Iterative baselines on the same test groups: unbiased FFD with a 24 mm mesh, 2 pyramid levels,
@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from xjax import evaluate, phantoms, presets  # noqa: E402
-from xjax.nn import bingo, bingo_train  # noqa: E402
+from xjax.intensity import unit_range  # noqa: E402
+from xjax.nn import bingo  # noqa: E402
+from xjax.nn.bingo import train as bingo_train  # noqa: E402
 from xjax.progress import ProgressBar  # noqa: E402
 
 MODEL, QUICK_MODEL = common.bingo_models(3, top_decoder_features=32)
@@ -63,7 +65,7 @@ class Groups:
             for d in range(draws):
                 group = phantoms.misaligned_group(jax.random.key(10_000 * (d + 1) + k), phantom,
                                                   spacing=24.0, magnitude=magnitude)
-                images.append(bingo_train.normalise(np.asarray(group.images)))
+                images.append(unit_range(np.asarray(group.images)))
                 truth.append(np.asarray(group.displacements))
                 labels.append(np.asarray(group.labels))
                 head.append(np.asarray(phantom.labels) > 0)

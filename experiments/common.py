@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 import xjax
-from xjax import baselines, io
+from xjax import io, objectives, resample
 from xjax.grid import Grid
 from xjax.registration import pyramid
 
@@ -221,7 +221,7 @@ def load_spm12(data: Path, names: Sequence[str], axial_slice: int | None = None)
         image, grid = io.load_image(need(folder / SPM12_MODALITIES[name]))
         images.append(image)
         grids.append(grid)
-    group, grid = io.to_common_space(images, grids, 0)
+    group, grid = resample.to_common_space(images, grids, 0)
     priors, _ = load_spm12_priors(data)
     if priors.shape[1:] != grid.shape:
         raise ValueError(f"tissue priors {priors.shape[1:]} are not on the template grid {grid.shape}")
@@ -270,8 +270,8 @@ def load_mrus(pairs, slices, shape=(48, 64)):
         mr, mr_grid = io.load_image(folder / "moving_images" / f"obs{i:03d}.nii.gz")
         lu = nib.load(folder / "fixed_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0] > 0.5
         lm = nib.load(folder / "moving_labels" / f"obs{i:03d}.nii.gz").get_fdata()[..., 0]
-        mr = io.pull_image(mr, mr_grid, grid)
-        lm = io.pull_image(lm, mr_grid, grid, order=0) > 0.5
+        mr = resample.pull_image(mr, mr_grid, grid)
+        lm = resample.pull_image(lm, mr_grid, grid, order=0) > 0.5
         for z in slices:
             images.append(pad(np.stack([us[:, :, z], mr[:, :, z]])))
             labels.append(pad(np.stack([lu[:, :, z], lm[:, :, z]]).astype(np.int32)))
@@ -336,7 +336,7 @@ def compile_registration(images, grid: Grid, config, labels=None, mask=None):
 
 #: The iterative methods the network experiments compare with: X-CoReg (the default objective),
 #: APE and CTE, by the objective each puts in an :class:`xjax.Config`.
-ITERATIVE_OBJECTIVES = {"X-CoReg": None, "APE": baselines.APE(), "CTE": baselines.CTE()}
+ITERATIVE_OBJECTIVES = {"X-CoReg": None, "APE": objectives.APE(), "CTE": objectives.CTE()}
 
 
 def bingo_models(num_modalities: int, top_decoder_features: int = 16):

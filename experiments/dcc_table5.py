@@ -60,8 +60,11 @@ import xjax
 from xjax import evaluate, phantoms
 from xjax.progress import ProgressBar
 from xjax.grid import Grid
-from xjax.io import pull_image
-from xjax.nn import dcc, dcc_losses, dcc_train
+from xjax.resample import pull_image
+from xjax.intensity import zscore
+from xjax.nn import dcc
+from xjax.nn.dcc import losses as dcc_losses
+from xjax.nn.dcc import train as dcc_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -207,7 +210,7 @@ def run(data_name: str, steps: int, quick: bool, strategies=None, seed: int = 0,
     truth = (true_disp, foreground)
     rows = []
 
-    norm_test = np.stack([np.asarray(dcc.normalise(g)) for g in test_images])
+    norm_test = np.stack([np.asarray(zscore(g)) for g in test_images])
     none = {"method": "None"}
     if test_labels is not None:
         none["reg_class"] = np.stack([np.asarray(evaluate.pairwise_dice_per_class(jnp.asarray(l), num_classes))

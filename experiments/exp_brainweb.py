@@ -8,7 +8,7 @@ magnitudes, z-scored, and registered back by unbiased groupwise two-level FFD wi
 * X-Reg-UN: X-CoReg (Algorithm 1), appearance models estimated;
 * X-Reg-GT: X-CoReg with the appearance models fixed from each misaligned image's own tissue
   labels (Eq. 48);
-* CTE, APE, GMM: the baselines of :mod:`xjax.baselines` driving the same optimisation.
+* CTE, APE, GMM: the baselines of :mod:`xjax.objectives` driving the same optimisation.
 
 Congealing is not run: with N = 3 images the voxel-wise Parzen entropy of a 3-value intensity
 stack is no usable density estimate (as the paper says). The measure is the gWI (Eq. 49-50) in mm
@@ -33,14 +33,14 @@ import numpy as np
 
 import common
 import xjax
-from xjax import baselines, evaluate, phantoms, presets
+from xjax import evaluate, objectives, phantoms, presets
 
 METHODS = ("X-Reg-UN", "X-Reg-GT", "CTE", "APE", "GMM")
 
 
 def objective(method: str):
     """The objective of ``method`` (``None``: the X-metric, the default of :class:`xjax.Config`)."""
-    return {"CTE": baselines.CTE(), "APE": baselines.APE(), "GMM": baselines.GMM(num_classes=4)}.get(method)
+    return {"CTE": objectives.CTE(), "APE": objectives.APE(), "GMM": objectives.GMM(num_classes=4)}.get(method)
 
 
 def misalign(key, images, labels, grid, magnitude: float, spacing: tuple[float, float]):

@@ -39,8 +39,8 @@ import numpy as np
 
 import common
 import xjax
-from xjax import Config, Stage, baselines, evaluate, phantoms
-from xjax.registration import STATUS
+from xjax import Config, Stage, evaluate, objectives, phantoms
+from xjax.config import STATUS
 from xjax.transforms import BSplineFFD, Rigid, Translation
 from xjax.transforms.linear import rotation_matrix
 
@@ -91,8 +91,8 @@ def config(model: str, method: str, steps: int, levels: int, sample_rate: float,
     if model == "ffd":
         stages.append(Stage(BSplineFFD(spacing=40.0), iterations=max(1, steps // 2), learning_rate=0.3,
                             bins=64, bending=0.01, **common_args))
-    objective = {"VI": baselines.VarianceOfIntensities(), "CG": baselines.Congealing(),
-                 "CTE": baselines.CTE()}.get(method)
+    objective = {"VI": objectives.VarianceOfIntensities(), "CG": objectives.Congealing(),
+                 "CTE": objectives.CTE()}.get(method)
     return Config(tuple(stages), num_classes=classes, objective=objective)
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from xjax import Config, Stage, baselines, evaluate, io, phantoms
+from xjax import Config, Stage, evaluate, io, objectives, phantoms, resample
 from xjax.transforms import Rigid, Translation
 
 METHODS = ("X-CoReg", "CTE", "GMM", "APE")
@@ -46,7 +46,7 @@ def load_group(data: Path, group: str, step: int):
     else:
         folder = data / "brats" / "BraTS-GLI-00001-000"
         loaded = [io.load_image(common.need(folder / f"BraTS-GLI-00001-000-{s}.nii.gz")) for s in BRATS]
-        images, grid = io.to_common_space([im for im, _ in loaded], [g for _, g in loaded], 0)
+        images, grid = resample.to_common_space([im for im, _ in loaded], [g for _, g in loaded], 0)
     images, grid = common.block_average(np.moveaxis(images, 0, -1), grid, step)
     return np.moveaxis(images, -1, 0), grid
 
@@ -57,7 +57,7 @@ def config(args, method: str, k: int) -> Config:
                     learning_rate=1.0, bins=32, sample_rate=args.sample_rate),
               Stage(Rigid(), iterations=args.rigid_steps, levels=args.rigid_levels, learning_rate=1.0,
                     bins=64, sample_rate=args.sample_rate))
-    objective = {"CTE": baselines.CTE(), "GMM": baselines.GMM(num_classes=k), "APE": baselines.APE()}
+    objective = {"CTE": objectives.CTE(), "GMM": objectives.GMM(num_classes=k), "APE": objectives.APE()}
     return Config(stages, num_classes=k, objective=objective.get(method))
 
 

@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 import common
-from xjax import baselines, phantoms, presets
+from xjax import objectives, phantoms, presets
 
-METHODS = {"X-CoReg": None, "APE": baselines.APE()}
+METHODS = {"X-CoReg": None, "APE": objectives.APE()}
 
 
 def measure(n: int, size: int, method: str, steps: int, repeats: int, max_gib: float) -> dict:

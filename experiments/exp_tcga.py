@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import common
-from xjax import io, presets
+from xjax import io, presets, resample
 from xjax.grid import Grid, bounding_grid
 
 FOLDER = "brats/TCGA-FG-6692"
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     for k, (image, grid) in natives.items():
         ref_image, _ = refs[k]
         shift = centroid(ref_image, ref_grid) - centroid(image, grid)  # scanner -> roughly SRI24 world
-        moved = io.pull_image(image, shifted(grid, shift), ref_grid)
+        moved = resample.pull_image(image, shifted(grid, shift), ref_grid)
         group = common.zscore(np.stack([ref_image, moved]))
         mask = (ref_image > 0).astype(np.float32)
         if run is None:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     # X-CoReg on the four natives.
     spacing = float(np.asarray(ref_grid.spacing)[0])
     common_grid = bounding_grid([g for _, g in natives.values()], spacing)
-    group = np.stack([io.pull_image(im, g, common_grid) for im, g in natives.values()])
+    group = np.stack([resample.pull_image(im, g, common_grid) for im, g in natives.values()])
     config = group_preset(iterations=args.iterations, levels=args.levels)
     res = common.compile_registration(group, common_grid, config)[0](common.zscore(group), jax.random.key(0))
     p_maps = {k: fit_affine(common_grid, u) for k, u in zip(natives, res.displacements)}

@@ -8,7 +8,7 @@ import pytest
 
 from xjax.grid import Grid
 from xjax.nn import bingo
-from xjax.nn.bingo_losses import (ElboWeights, gaussian_kl, kl_bound, l1_reconstruction,
+from xjax.nn.bingo.losses import (ElboWeights, gaussian_kl, kl_bound, l1_reconstruction,
                                   poe_from_sums, poe_sums, product_of_experts, velocity_kl)
 
 

@@ -3,14 +3,18 @@
 import dataclasses
 import json
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from xjax import phantoms
-from xjax.nn import bingo, bingo_train
-from xjax.nn.bingo_losses import ElboWeights
+from xjax.intensity import unit_range
+from xjax.nn import bingo
+from xjax.nn.bingo import train as bingo_train
+from xjax.nn.bingo.losses import ElboWeights
 
 # Two levels keep compilation short on a 2-core CPU; the three-level model is tested in
 # test_bingo_model.py, and training runs the same code for any number of levels.
@@ -30,13 +34,14 @@ def data():
                                                 magnitude=2.0).images)
     present = np.ones((4, 3), bool)
     present[1, 2] = False
-    return bingo_train.GroupData(bingo_train.normalise(np.stack(groups).reshape(12, 16, 16))
+    return bingo_train.GroupData(unit_range(np.stack(groups).reshape(12, 16, 16))
                                  .reshape(4, 3, 16, 16), present), phantom.grid
 
 
-def test_normalise_maps_percentiles_to_unit_range():
+def test_unit_range_maps_percentiles_to_unit_range():
+    """BInGo's normalisation (:func:`xjax.intensity.unit_range`) against its definition."""
     x = np.random.default_rng(0).normal(size=(2, 50, 40)) * np.array([1.0, 5.0])[:, None, None]
-    y = bingo_train.normalise(x)
+    y = unit_range(x)
     for a, b in zip(x, y):
         lo, hi = np.percentile(a, [0.5, 99.5])
         np.testing.assert_allclose(b, np.clip((a - lo) / (hi - lo), 0, 1), rtol=1e-5, atol=1e-6)
@@ -46,7 +51,8 @@ def test_partial_and_complete_batches(data):
     groups, _ = data
     images, slots = bingo_train.sample_batch(groups, TRAIN, 5)
     again = bingo_train.sample_batch(groups, TRAIN, 5)
-    assert images.shape == (2, 2, 16, 16) and slots.shape == (2, 2)
+    chex.assert_shape([images, slots], [(2, 2, 16, 16), (2, 2)])
+    chex.assert_type([images, slots], [jnp.float32, jnp.int32])
     np.testing.assert_array_equal(np.asarray(images), np.asarray(again[0]))
     drawn = set()
     for step in range(40):
@@ -62,7 +68,7 @@ def test_partial_and_complete_batches(data):
     complete = dataclasses.replace(TRAIN, scheme="complete")
     full = bingo_train.GroupData(groups.images, np.ones((4, 3), bool))
     images, slots = bingo_train.sample_batch(full, complete, 0)
-    assert images.shape == (2, 3, 16, 16)
+    chex.assert_shape(images, (2, 3, 16, 16))
     np.testing.assert_array_equal(np.asarray(slots), [[0, 1, 2], [0, 1, 2]])
     with pytest.raises(ValueError, match="complete learning"):
         bingo_train.train(bingo.create(CONFIG), groups, data[1], complete)
@@ -96,8 +102,7 @@ def test_resume_is_bit_identical_and_weights_round_trip(data, tmp_path):
                                 fast_compile=True)
     assert [h["step"] for h in history] == [6]
     a, b = nnx.state(straight, nnx.Param), nnx.state(fresh, nnx.Param)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b, strict=True)
     assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
                zip(jax.tree.leaves(a), jax.tree.leaves(nnx.state(bingo.create(CONFIG, 1), nnx.Param))))
     with pytest.raises(ValueError, match="another configuration"):
@@ -106,8 +111,7 @@ def test_resume_is_bit_identical_and_weights_round_trip(data, tmp_path):
     bingo_train.save_model(tmp_path / "w.npz", fresh, extra={"note": "test"})
     loaded, stored = bingo_train.load_model(tmp_path / "w.npz")
     assert loaded.config == CONFIG and stored["note"] == "test"
-    for x, y in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param), b, strict=True)
 
 
 def test_train_config_validation():

@@ -321,6 +321,40 @@ def test_python_dash_m_runs_the_same_main():
     assert "--labels" in run.stdout and "OUTDIR_OR_DISPLACEMENT" in run.stdout
 
 
+def test_preset_and_init_names_match_the_core():
+    """The parser repeats these names so that it imports no JAX; they must stay those of the core."""
+    from xjax.cli import common
+    from xjax.objectives import INITS
+
+    assert common.PRESETS == presets.NAMES
+    assert common.INITS == INITS
+
+
+# Builds the parser and prints every help with ``xjax/__init__.py`` (the core API, which imports JAX)
+# replaced by an empty package, then lists the heavy modules that were imported.
+_HELP_ONLY = """
+import contextlib, io, os, sys, types
+package = types.ModuleType("xjax")
+package.__path__ = [os.path.join({root!r}, "xjax")]
+sys.modules["xjax"] = package
+from xjax.cli import main
+for argv in ([], ["register"], ["apply"], ["demo"], ["dcc"], ["dcc", "train"], ["dcc", "predict"],
+             ["bingo"], ["bingo", "train"], ["bingo", "predict"]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main([*argv, "--help"]) == 0
+    assert "usage: xjax" in out.getvalue()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "numpy", "flax", "nibabel")))
+"""
+
+
+def test_the_command_line_builds_its_parser_without_jax():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _HELP_ONLY.format(root=root)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
 def class_dice(labels, num_classes):
     """numpy reference: Dice of each class 1..K-1 over all pairs, averaged (skipping absent)."""
     scores = []

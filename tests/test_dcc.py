@@ -3,15 +3,20 @@ where gradients go, training (loss decreases, exact resume, one compilation) and
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import xjax.warp
 from xjax import phantoms
-from xjax.nn import dcc, dcc_losses, dcc_train
-from xjax.nn.dcc_train import FAST_COMPILE
+from xjax.intensity import zscore
+from xjax.nn import dcc
+from xjax.nn.dcc import losses as dcc_losses
+from xjax.nn.dcc import train as dcc_train
+from xjax.nn.training import FAST_COMPILE
 
 TINY = {2: dcc.DCCConfig(ndim=2, num_classes=3, num_modalities=3, width=2, levels=2, flow_scales=2),
         3: dcc.DCCConfig(ndim=3, num_classes=3, num_modalities=3, width=2, levels=2, flow_scales=2)}
@@ -45,8 +50,9 @@ def test_shapes_dtypes_zero_mean_and_equivariance(ndim):
         x = jnp.asarray(rng.normal(size=(n,) + SPATIAL[ndim]), jnp.float32)
         modality = jnp.asarray(rng.integers(0, 3, n), jnp.int32)
         out = forward(state, x, modality)
-        assert out.probs.shape == (n,) + SPATIAL[ndim] + (3,) and out.probs.dtype == jnp.float32
-        assert out.displacement.shape == (n,) + SPATIAL[ndim] + (ndim,) and out.displacement.dtype == jnp.float32
+        chex.assert_shape(out.probs, (n,) + SPATIAL[ndim] + (3,))
+        chex.assert_shape(out.displacement, (n,) + SPATIAL[ndim] + (ndim,))
+        chex.assert_type([out.probs, out.displacement], jnp.float32)
         np.testing.assert_allclose(np.asarray(out.probs).sum(-1), 1.0, atol=1e-5)
         disp = np.asarray(out.displacement, np.float64)
         assert np.abs(disp).max() > 1e-2  # the heads are live
@@ -221,6 +227,24 @@ def test_label_probabilities_favour_the_label():
     assert p[4, 6, 1] > p[2, 3, 1] > 1 / 3  # deeper inside is more certain
 
 
+@pytest.mark.parametrize("channels", [(), (3,)])
+def test_warp_is_the_one_warp_on_the_unit_grid(channels):
+    """The losses' warp is :func:`xjax.warp.warp` on DCC's unit grid (voxels = mm) with ``fill``
+    outside the image, bit for bit, with and without jit, for points inside and outside."""
+    rng = np.random.default_rng(4)
+    values = jnp.asarray(rng.normal(size=(9, 7) + channels), jnp.float32)
+    u = jnp.asarray(rng.uniform(-4, 4, (9, 7, 2)), jnp.float32)
+
+    def one_warp(values, u):
+        ref, inside = xjax.warp.warp(values, u, dcc.unit_grid((9, 7)))
+        return jnp.where((inside[..., None] if channels else inside) > 0, ref, 0.25), inside
+
+    for wrap in (lambda f: f, jax.jit):  # each compared within one mode (XLA may fuse differently)
+        got, inside = wrap(lambda v, u: dcc_losses.warp(v, u, fill=0.25))(values, u)
+        assert 0 < float(inside.sum()) < inside.size  # both kinds of points
+        chex.assert_trees_all_equal((got, inside), wrap(one_warp)(values, u), strict=True)
+
+
 # ---- gradients: which branch each loss reaches --------------------------------------------------
 
 def test_hybrid_loss_gradient_paths(small_group):
@@ -330,8 +354,7 @@ def test_training_lowers_the_loss(training):
 def test_resume_is_bit_exact_and_step_compiles_once(training):
     straight, resumed = training["straight"][1], training["resumed"][1]
     assert int(training["first"][1].step) == 7 and int(resumed.step) == 16
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(straight, resumed, strict=True)
     assert training["step"]._cache_size() == 1
 
 
@@ -352,11 +375,12 @@ def test_metrics_log_and_alternation(training):
 
 def test_predict_outputs():
     model = _with_random_flow_heads(dcc.create(SHALLOW, seed=2), 2)
-    images = dcc.normalise(np.random.default_rng(0).normal(size=(3,) + SPATIAL[2]))
+    images = zscore(np.random.default_rng(0).normal(size=(3,) + SPATIAL[2]))
     graphdef, state = nnx.split(model)
     predict = dcc_train.make_predictor(graphdef, num_classes=3, bins=8, fast_compile=True)
     pred = predict(state, images, jnp.arange(3), jnp.zeros(3, bool), jnp.full(SPATIAL[2] + (3,), 1 / 3))
-    assert pred.posterior.shape == SPATIAL[2] + (3,) and pred.segmentation.shape == SPATIAL[2]
+    chex.assert_shape(pred.posterior, SPATIAL[2] + (3,))
+    chex.assert_shape(pred.segmentation, SPATIAL[2])
     np.testing.assert_allclose(np.asarray(pred.posterior).sum(-1), 1.0, atol=1e-5)
     assert np.array_equal(np.asarray(pred.segmentation), np.asarray(pred.posterior).argmax(-1))
     expected = jax.vmap(lambda im, u: dcc_losses.warp(im, u)[0])(images, pred.displacement)
@@ -381,9 +405,8 @@ def test_weights_round_trip(tmp_path, half):
     loaded, got_prior, config = dcc_train.load_weights(tmp_path / "w.npz")
     assert config["strategy"] == "DCC+AT" and loaded.config == model.config
     assert np.array_equal(np.asarray(got_prior), np.asarray(prior))
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
-        assert b.dtype == jnp.float32
-        if half:
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
-        else:
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_type(jax.tree.leaves(nnx.state(loaded)), jnp.float32)
+    if half:
+        chex.assert_trees_all_close(nnx.state(loaded), nnx.state(model), rtol=1e-3, atol=1e-4)
+    else:
+        chex.assert_trees_all_equal(nnx.state(loaded), nnx.state(model), strict=True)

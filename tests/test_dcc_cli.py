@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from xjax import cli, phantoms
+from xjax.cli import dcc as dcc_command
 from xjax.grid import Grid
 from xjax.io import save_image
-from xjax.nn import dcc_cli, dcc_train
+from xjax.nn.dcc import train as dcc_train
 
 
 def test_strategies_match_the_training_module():
-    assert dcc_cli.STRATEGIES == dcc_train.STRATEGIES
+    assert dcc_command.STRATEGIES == dcc_train.STRATEGIES
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""Parzen histograms against brute-force numpy float64 references."""
+"""Parzen histograms against brute-force numpy float64 references, with and without jit (chex
+variants)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,31 +30,57 @@ def test_bspline3_matches_formula_and_partition_of_unity(x64):
     np.testing.assert_allclose(total, 1.0, atol=1e-14)
 
 
-def test_joint_histogram_matches_dense_reference(x64):
-    rng = np.random.default_rng(1)
-    u = rng.normal(size=500)
-    w = rng.dirichlet(np.ones(3), size=500) * rng.uniform(0, 1, (500, 1))
-    bins = 12
-    got = density.joint_histogram(jnp.asarray(u), jnp.asarray(w), u.min(), u.max(), bins)
-    want = dense_kernel_np(u, u.min(), u.max(), bins).T @ w
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    # Samples beyond the padded range on either side touch no bin (none wraps around).
-    narrow = density.joint_histogram(jnp.asarray(u), jnp.asarray(w), -0.5, 0.5, bins)
-    np.testing.assert_allclose(narrow, dense_kernel_np(u, -0.5, 0.5, bins).T @ w, rtol=1e-12, atol=1e-12)
-    # Partition of unity: every sample deposits exactly its weight.
-    np.testing.assert_allclose(got.sum(0), w.sum(0), rtol=1e-12)
+class HistogramTest(chex.TestCase):
+    """The Parzen histograms in float64, each test run with and without ``jax.jit`` (chex variants);
+    the bin count is static."""
 
+    def setUp(self):
+        super().setUp()
+        self.enter_context(jax.enable_x64(True))
 
-def test_pair_histogram_matches_dense_reference(x64):
-    rng = np.random.default_rng(2)
-    a, b = rng.normal(size=(2, 300))
-    w = rng.uniform(size=300)
-    bins = 8
-    got = density.pair_histogram(jnp.asarray(a), jnp.asarray(b), jnp.asarray(w),
-                                 (-1.0, 1.0), (b.min(), b.max()), bins)
-    ka = dense_kernel_np(a, -1.0, 1.0, bins)  # a narrow range: samples fall off both ends
-    kb = dense_kernel_np(b, b.min(), b.max(), bins)
-    np.testing.assert_allclose(got, (ka * w[:, None]).T @ kb, rtol=1e-12, atol=1e-12)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_joint_histogram_matches_dense_reference(self):
+        rng = np.random.default_rng(1)
+        u = rng.normal(size=500)
+        w = rng.dirichlet(np.ones(3), size=500) * rng.uniform(0, 1, (500, 1))
+        bins = 12
+        histogram = self.variant(lambda v, weights, lo, hi: density.joint_histogram(v, weights, lo, hi, bins))
+        got = histogram(jnp.asarray(u), jnp.asarray(w), u.min(), u.max())
+        chex.assert_shape(got, (bins + 4, 3))
+        chex.assert_type(got, jnp.float64)
+        want = dense_kernel_np(u, u.min(), u.max(), bins).T @ w
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # Samples beyond the padded range on either side touch no bin (none wraps around).
+        narrow = histogram(jnp.asarray(u), jnp.asarray(w), -0.5, 0.5)
+        np.testing.assert_allclose(narrow, dense_kernel_np(u, -0.5, 0.5, bins).T @ w, rtol=1e-12, atol=1e-12)
+        # Partition of unity: every sample deposits exactly its weight.
+        np.testing.assert_allclose(got.sum(0), w.sum(0), rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pair_histogram_matches_dense_reference(self):
+        rng = np.random.default_rng(2)
+        a, b = rng.normal(size=(2, 300))
+        w = rng.uniform(size=300)
+        bins = 8
+        histogram = self.variant(lambda x, y, weights, range_b: density.pair_histogram(
+            x, y, weights, (-1.0, 1.0), range_b, bins))
+        got = histogram(jnp.asarray(a), jnp.asarray(b), jnp.asarray(w), (b.min(), b.max()))
+        chex.assert_shape(got, (bins + 4, bins + 4))
+        ka = dense_kernel_np(a, -1.0, 1.0, bins)  # a narrow range: samples fall off both ends
+        kb = dense_kernel_np(b, b.min(), b.max(), bins)
+        np.testing.assert_allclose(got, (ka * w[:, None]).T @ kb, rtol=1e-12, atol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_evaluate_histogram_interpolates_between_bin_centres(self):
+        bins = 6
+        table = jnp.asarray(np.random.default_rng(4).uniform(size=(bins + 4, 2)))
+        lo, hi = 0.0, 6.0  # one intensity unit per bin: position = u + 2
+        u = jnp.asarray([0.0, 0.5, 3.25, 6.0])
+        got = self.variant(lambda t, v: density.evaluate_histogram(t, v, lo, hi, bins))(table, u)
+        chex.assert_shape(got, (4, 2))
+        pos = np.asarray(u) + 2
+        want = np.stack([np.interp(pos, np.arange(bins + 4), np.asarray(table)[:, k]) for k in range(2)], 1)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_histogram_gradient_matches_finite_differences(x64):
@@ -72,17 +100,6 @@ def test_histogram_gradient_matches_finite_differences(x64):
         e[i] = eps
         fd = (f(jnp.asarray(u + e)) - f(jnp.asarray(u - e))) / (2 * eps)
         np.testing.assert_allclose(g[i], fd, rtol=1e-5, atol=1e-8)
-
-
-def test_evaluate_histogram_interpolates_between_bin_centres(x64):
-    bins = 6
-    table = jnp.asarray(np.random.default_rng(4).uniform(size=(bins + 4, 2)))
-    lo, hi = 0.0, 6.0  # one intensity unit per bin: position = u + 2
-    u = jnp.asarray([0.0, 0.5, 3.25, 6.0])
-    got = density.evaluate_histogram(table, u, lo, hi, bins)
-    pos = np.asarray(u) + 2
-    want = np.stack([np.interp(pos, np.arange(bins + 4), np.asarray(table)[:, k]) for k in range(2)], 1)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def _largest_intermediate(fn, *args):
@@ -145,4 +162,4 @@ def test_pair_histograms_beyond_int32_indexing_are_refused():
     with pytest.raises(ValueError, match="2\\^31"):
         density.group_pair_histograms(a, a, jnp.ones(1), r, r, 64)
     ok = density.group_pair_histograms(a[:2], a[:2], jnp.ones(1), (r[0][:2], r[1][:2]), (r[0][:2], r[1][:2]), 64)
-    assert ok.shape == (2, 68, 68)
+    chex.assert_shape(ok, (2, 68, 68))

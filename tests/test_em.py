@@ -1,5 +1,6 @@
 """E-step and M-step: parity with the authors' E-step and float64 brute-force references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,17 +42,28 @@ def em_update_np(images, gamma, pi, weights, bins):
     return post, new_pi / new_pi.sum()
 
 
-def test_em_update_matches_numpy(x64):
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(3, 200))
-    gamma = rng.dirichlet(np.ones(4), size=200)
-    pi = rng.dirichlet(np.ones(4))
-    weights = (rng.uniform(size=200) > 0.2).astype(float)
-    state = em.em_update(em.EMState(jnp.asarray(gamma), jnp.asarray(pi)), jnp.asarray(images),
-                         jnp.asarray(weights), images.min(1), images.max(1), 16)
-    want_post, want_pi = em_update_np(images, gamma, pi, weights, 16)
-    np.testing.assert_allclose(state.posterior, want_post, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(state.pi, want_pi, rtol=1e-9)
+class EMUpdateTest(chex.TestCase):
+    """The E-step in float64, with and without ``jax.jit`` (chex variants)."""
+
+    def setUp(self):
+        super().setUp()
+        self.enter_context(jax.enable_x64(True))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_em_update_matches_numpy(self):
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(3, 200))
+        gamma = rng.dirichlet(np.ones(4), size=200)
+        pi = rng.dirichlet(np.ones(4))
+        weights = (rng.uniform(size=200) > 0.2).astype(float)
+        update = self.variant(lambda state, u, w, lo, hi: em.em_update(state, u, w, lo, hi, 16))
+        state = update(em.EMState(jnp.asarray(gamma), jnp.asarray(pi)), jnp.asarray(images),
+                       jnp.asarray(weights), images.min(1), images.max(1))
+        chex.assert_shape([state.posterior, state.pi], [(200, 4), (4,)])
+        chex.assert_type([state.posterior, state.pi], jnp.float64)
+        want_post, want_pi = em_update_np(images, gamma, pi, weights, 16)
+        np.testing.assert_allclose(state.posterior, want_post, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(state.pi, want_pi, rtol=1e-9)
 
 
 def test_em_update_has_no_gradient(x64):

@@ -1,11 +1,14 @@
-"""The sampler against a brute-force float64 multilinear reference."""
+"""The sampler against a brute-force float64 multilinear reference, with and without jit (chex
+variants)."""
 
+import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from absl.testing import parameterized
 
 from xjax.interpolate import sample, sample_clamped, sample_inside, sample_stack_inside
 
@@ -28,37 +31,62 @@ def linear_np(image, points):
     return np.array(out).reshape(points.shape[:-1] + image.shape[d:])
 
 
-@pytest.mark.parametrize("shape", [(6, 7), (5, 4, 3), (6, 7, 2), (5, 1)])
-def test_linear_matches_reference(x64, shape):
-    rng = np.random.default_rng(0)
-    d = 2 if len(shape) == 2 or shape == (6, 7, 2) else 3
-    image = rng.normal(size=shape)
-    spatial = np.array(shape[:d])
-    points = rng.uniform(-0.5, spatial - 0.5, size=(40, d))
-    values, inside = sample_inside(jnp.asarray(image), jnp.asarray(points))
-    want = linear_np(image, points)
-    expect_inside = np.all((points >= 0) & (points <= spatial - 1), axis=-1)
-    mask = expect_inside.reshape((-1,) + (1,) * (image.ndim - d))
-    np.testing.assert_allclose(values, np.where(mask, want, 0.0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(inside, expect_inside)
+class SamplerTest(chex.TestCase):
+    """The sampler in float64, each test run with and without ``jax.jit`` (chex variants)."""
 
+    def setUp(self):
+        super().setUp()
+        self.enter_context(jax.enable_x64(True))
 
-@pytest.mark.parametrize("shape", [(3, 6, 7), (2, 5, 4, 3), (3, 5, 1), (2, 1, 4)])
-def test_stack_sampling_matches_the_reference_per_image(x64, shape):
-    rng = np.random.default_rng(3)
-    images = rng.normal(size=shape)
-    spatial = np.array(shape[1:])
-    points = rng.uniform(-0.5, spatial - 0.5, size=(shape[0], 25, len(spatial)))
-    values, inside = sample_stack_inside(jnp.asarray(images), jnp.asarray(points))
-    for j in range(shape[0]):
-        expect_inside = np.all((points[j] >= 0) & (points[j] <= spatial - 1), axis=-1)
-        want = np.where(expect_inside, linear_np(images[j], points[j]), 0.0)
-        np.testing.assert_allclose(values[j], want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_array_equal(inside[j], expect_inside)
-    # the gradient with respect to the points is that of the per-image sampler
-    g_stack = jax.grad(lambda p: jnp.sum(sample_stack_inside(jnp.asarray(images), p)[0] ** 2))(jnp.asarray(points))
-    g_vmap = jax.grad(lambda p: jnp.sum(jax.vmap(sample_inside)(jnp.asarray(images), p)[0] ** 2))(jnp.asarray(points))
-    np.testing.assert_allclose(g_stack, g_vmap, rtol=1e-12, atol=1e-12)
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("2d", (6, 7)), ("3d", (5, 4, 3)), ("2d_channels", (6, 7, 2)),
+                                    ("singleton_axis", (5, 1)))
+    def test_linear_matches_reference(self, shape):
+        rng = np.random.default_rng(0)
+        d = 2 if len(shape) == 2 or shape == (6, 7, 2) else 3
+        image = rng.normal(size=shape)
+        spatial = np.array(shape[:d])
+        points = rng.uniform(-0.5, spatial - 0.5, size=(40, d))
+        values, inside = self.variant(sample_inside)(jnp.asarray(image), jnp.asarray(points))
+        chex.assert_shape(values, (40,) + shape[d:])
+        chex.assert_shape(inside, (40,))
+        chex.assert_type([values, inside], jnp.float64)
+        want = linear_np(image, points)
+        expect_inside = np.all((points >= 0) & (points <= spatial - 1), axis=-1)
+        mask = expect_inside.reshape((-1,) + (1,) * (image.ndim - d))
+        np.testing.assert_allclose(values, np.where(mask, want, 0.0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(inside, expect_inside)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("2d", (3, 6, 7)), ("3d", (2, 5, 4, 3)), ("2d_singleton", (3, 5, 1)),
+                                    ("2d_singleton_first", (2, 1, 4)))
+    def test_stack_sampling_matches_the_reference_per_image(self, shape):
+        rng = np.random.default_rng(3)
+        images = jnp.asarray(rng.normal(size=shape))
+        spatial = np.array(shape[1:])
+        points = rng.uniform(-0.5, spatial - 0.5, size=(shape[0], 25, len(spatial)))
+        values, inside = self.variant(sample_stack_inside)(images, jnp.asarray(points))
+        chex.assert_shape([values, inside], (shape[0], 25))
+        for j in range(shape[0]):
+            expect_inside = np.all((points[j] >= 0) & (points[j] <= spatial - 1), axis=-1)
+            want = np.where(expect_inside, linear_np(np.asarray(images[j]), points[j]), 0.0)
+            np.testing.assert_allclose(values[j], want, rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(inside[j], expect_inside)
+        # the gradient with respect to the points is that of the per-image sampler
+        g_stack = self.variant(jax.grad(lambda p: jnp.sum(sample_stack_inside(images, p)[0] ** 2)))
+        g_vmap = self.variant(jax.grad(lambda p: jnp.sum(jax.vmap(sample_inside)(images, p)[0] ** 2)))
+        chex.assert_trees_all_close(g_stack(jnp.asarray(points)), g_vmap(jnp.asarray(points)),
+                                    rtol=1e-12, atol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_integer_points_are_exact_and_nearest_rounds(self):
+        image = jnp.arange(20.0).reshape(4, 5)
+        idx = jnp.stack(jnp.meshgrid(jnp.arange(4.0), jnp.arange(5.0), indexing="ij"), -1)
+        np.testing.assert_array_equal(self.variant(sample)(image, idx), image)
+        labels = jnp.arange(20).reshape(4, 5)
+        got = self.variant(functools.partial(sample, order=0))(labels, jnp.array([[1.4, 2.6], [0.2, 3.9]]))
+        chex.assert_type(got, labels.dtype)
+        np.testing.assert_array_equal(got, [labels[1, 3], labels[0, 4]])
 
 
 def test_stack_sampling_beyond_int32_indices_samples_image_by_image(x64, monkeypatch):
@@ -73,15 +101,6 @@ def test_stack_sampling_beyond_int32_indices_samples_image_by_image(x64, monkeyp
     per_image = sample_stack_inside(images, points)
     for a, b in zip(flat, per_image):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_integer_points_are_exact_and_nearest_rounds():
-    image = jnp.arange(20.0).reshape(4, 5)
-    idx = jnp.stack(jnp.meshgrid(jnp.arange(4.0), jnp.arange(5.0), indexing="ij"), -1)
-    np.testing.assert_array_equal(sample(image, idx), image)
-    labels = jnp.arange(20).reshape(4, 5)
-    got = sample(labels, jnp.array([[1.4, 2.6], [0.2, 3.9]]), order=0)
-    np.testing.assert_array_equal(got, [labels[1, 3], labels[0, 4]])
 
 
 def test_gradient_with_respect_to_points(x64):

@@ -5,13 +5,15 @@ import gzip
 import os
 import re
 
+import chex
 import nibabel as nib
 import numpy as np
 import pytest
 
 from xjax.grid import Grid, bounding_grid
 from xjax.io import (atomic_output_dir, check_output_path, load_displacement, load_image,
-                     load_labels, pull_image, same_grid, save_image, to_common_space)
+                     load_labels, save_image)
+from xjax.resample import pull_image, same_grid, to_common_space
 
 
 def rotation3(a, b, c):
@@ -50,7 +52,7 @@ def test_image_round_trip_keeps_data_and_affine(tmp_path, grid):
     assert raw.shape == (grid.shape if grid.ndim == 3 else grid.shape + (1,))
     np.testing.assert_allclose(raw.affine, grid.to_nifti_affine(), atol=1e-5)
     loaded, loaded_grid = load_image(path)
-    assert loaded.dtype == np.float32
+    chex.assert_type(loaded, np.float32)
     np.testing.assert_array_equal(loaded, image)
     assert loaded_grid.shape == grid.shape
     np.testing.assert_allclose(loaded_grid.matrix, grid.matrix, atol=1e-5)
@@ -70,7 +72,8 @@ def test_2d_image_written_with_two_axes_loads_as_2d(tmp_path):
 def test_trailing_singleton_axes_are_dropped(tmp_path):
     data = np.arange(24.0).reshape(2, 3, 4, 1, 1)
     image, grid = load_image(write_raw(tmp_path / "a.nii.gz", data))
-    assert image.shape == (2, 3, 4) and grid.ndim == 3
+    chex.assert_shape(image, (2, 3, 4))
+    assert grid.ndim == 3
     np.testing.assert_array_equal(image, data[..., 0, 0])
 
 
@@ -140,7 +143,7 @@ def test_labels_load_as_int32_and_must_be_integers(tmp_path):
     labels = np.random.default_rng(3).integers(0, 5, size=GRID3.shape)
     save_image(tmp_path / "l.nii.gz", labels, GRID3, dtype=np.int16)
     loaded, grid = load_labels(tmp_path / "l.nii.gz", GRID3)
-    assert loaded.dtype == np.int32
+    chex.assert_type(loaded, np.int32)
     np.testing.assert_array_equal(loaded, labels)
     fractional = labels + 0.25 * (labels == 2)
     save_image(tmp_path / "f.nii.gz", fractional, GRID3)

@@ -1,9 +1,12 @@
-"""X-metric and Parzen MI: parity with the authors' code and brute-force float64 references."""
+"""X-metric and Parzen MI: parity with the authors' code and brute-force float64 references, with and
+without jit (chex variants)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import xjax
 from xjax import metrics
@@ -43,15 +46,24 @@ def test_pairwise_mi_matches_golden(x64, golden):
                                values["MI_01"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["mi", "reference"])
-def test_x_metric_matches_numpy_reference(x64, form):
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(4, 9, 11))
-    gamma = rng.dirichlet(np.ones(3), size=(9, 11))
-    want = sum(class_information_np(images[j].ravel(), gamma.reshape(-1, 3), 20, form) for j in range(4))
-    np.testing.assert_allclose(xjax.x_metric(images, gamma, bins=20, form=form), want, rtol=1e-10)
-    np.testing.assert_allclose(jax.jit(lambda i, g: xjax.x_metric(i, g, bins=20, form=form))(images, gamma),
-                               want, rtol=1e-10)
+class XMetricTest(chex.TestCase):
+    """The X-metric in float64, with and without ``jax.jit`` (chex variants)."""
+
+    def setUp(self):
+        super().setUp()
+        self.enter_context(jax.enable_x64(True))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("mi", "reference")
+    def test_x_metric_matches_numpy_reference(self, form):
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(4, 9, 11))
+        gamma = rng.dirichlet(np.ones(3), size=(9, 11))
+        want = sum(class_information_np(images[j].ravel(), gamma.reshape(-1, 3), 20, form) for j in range(4))
+        got = self.variant(lambda i, g: xjax.x_metric(i, g, bins=20, form=form))(images, gamma)
+        chex.assert_shape(got, ())
+        chex.assert_type(got, jnp.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
 def test_forms_differ_by_class_entropy(x64):

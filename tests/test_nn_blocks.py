@@ -1,6 +1,7 @@
 """Building blocks of xjax.nn: shapes in 2D/3D, modality-specific normalisation against a numpy
 float64 reference, and which parameter sets gradients reach."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +53,8 @@ def test_residual_block_shapes_and_skip():
     assert same.skip is None and grow.skip is not None
     y2 = same(jnp.ones((2, 9, 8, 3)))
     y3 = grow(jnp.ones((2, 5, 4, 3, 3)), jnp.array([0, 1]))
-    assert y2.shape == (2, 9, 8, 3) and y2.dtype == jnp.float32
-    assert y3.shape == (2, 5, 4, 3, 5) and y3.dtype == jnp.float32
+    chex.assert_shape([y2, y3], [(2, 9, 8, 3), (2, 5, 4, 3, 5)])
+    chex.assert_type([y2, y3], jnp.float32)
 
 
 @pytest.mark.parametrize("spatial", [(33, 32), (9, 8, 7)])
@@ -70,8 +71,8 @@ def test_encoder_decoder_shapes(spatial):
 
     feats, out = forward(enc, dec, jnp.ones((2,) + spatial + (1,)), jnp.array([0, 2]))
     expected = [tuple(-(-s // 2 ** l) for s in spatial) for l in range(3)]
-    assert [f.shape for f in feats] == [(2,) + e + (w,) for e, w in zip(expected, (4, 6, 8))]
-    assert [f.shape for f in out] == [(2,) + e + (w,) for e, w in zip(expected, (5, 6, 7))]
+    chex.assert_shape(feats, [(2,) + e + (w,) for e, w in zip(expected, (4, 6, 8))])
+    chex.assert_shape(out, [(2,) + e + (w,) for e, w in zip(expected, (5, 6, 7))])
 
 
 def test_encoder_shares_convolutions_across_modalities():
@@ -92,7 +93,7 @@ def test_resize_and_upsample():
     x = jnp.arange(2 * 4 * 3 * 2, dtype=jnp.float32).reshape(2, 4, 3, 2)
     assert blocks.resize_to(x, (4, 3)) is x
     up = blocks.build(lambda rngs: blocks.Upsample(2, 3, ndim=2, rngs=rngs), 0)
-    assert up(x, (7, 6)).shape == (2, 7, 6, 3)
+    chex.assert_shape(up(x, (7, 6)), (2, 7, 6, 3))
 
 
 @pytest.mark.parametrize("bad", [1, 4])
@@ -113,14 +114,13 @@ def test_build_is_seeded_and_follows_the_initialisation_rules():
         return blocks.ResidualBlock(6, 40, ndim=3, num_modalities=2, rngs=rngs)
 
     a, b, c = blocks.build(factory, 5), blocks.build(factory, 5), blocks.build(factory, 6)
-    leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
-    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    chex.assert_trees_all_equal(nnx.state(a, nnx.Param), nnx.state(b, nnx.Param), strict=True)
     assert not np.array_equal(np.asarray(a.conv1.kernel[...]), np.asarray(c.conv1.kernel[...]))
     kernel = np.asarray(a.conv2.kernel[...], np.float64)  # fan_in = 27 * 40
-    assert kernel.shape == (3, 3, 3, 40, 40)
+    chex.assert_shape(kernel, (3, 3, 3, 40, 40))
     assert abs(kernel.std() * np.sqrt(27 * 40) - 1.0) < 0.03 and abs(kernel.mean()) < 0.003
     assert np.all(np.asarray(a.conv1.bias[...]) == 0) and np.all(np.asarray(a.norm1.scale[...]) == 1)
-    assert a.norm1.scale[...].shape == (2, 40)
+    chex.assert_shape(a.norm1.scale[...], (2, 40))
 
 
 def test_build_rejects_unknown_parameters():

@@ -1,5 +1,6 @@
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,9 +46,8 @@ def _np_jacobian_determinant(u, grid):
 @pytest.mark.parametrize("shape, n, k", [((32, 40), 3, 4), ((16, 20, 12), 5, 6)])
 def test_phantom_shapes_and_dtypes(shape, n, k):
     ph = make_phantom(jax.random.key(0), shape, num_modalities=n, num_classes=k, spacing=1.5)
-    assert ph.images.shape == (n,) + shape and ph.images.dtype == jnp.float32
-    assert ph.labels.shape == shape and ph.labels.dtype == jnp.int32
-    assert ph.intensity_table.shape == (n, k) and ph.intensity_table.dtype == jnp.float32
+    chex.assert_shape([ph.images, ph.labels, ph.intensity_table], [(n,) + shape, shape, (n, k)])
+    chex.assert_type([ph.images, ph.labels, ph.intensity_table], [jnp.float32, jnp.int32, jnp.float32])
     assert ph.grid.shape == shape
     np.testing.assert_allclose(ph.grid.spacing, 1.5)
     np.testing.assert_allclose(ph.grid.center, 0.0, atol=1e-12)
@@ -165,8 +165,8 @@ def test_random_rigid_matches_rotation_formula(ndim):
     angles, shifts, disp = random_rigid(jax.random.key(7), grid, 4, max_angle_deg=10.0,
                                         max_shift_mm=5.0)
     angles, shifts = np.asarray(angles, np.float64), np.asarray(shifts, np.float64)
-    assert angles.shape == (4, 1 if ndim == 2 else 3) and shifts.shape == (4, ndim)
-    assert disp.shape == (4,) + shape + (ndim,)
+    chex.assert_shape([angles, shifts, disp],
+                      [(4, 1 if ndim == 2 else 3), (4, ndim), (4,) + shape + (ndim,)])
     assert np.all(np.abs(angles) <= np.deg2rad(10.0)) and np.all(np.abs(shifts) <= 5.0)
     assert np.ptp(angles) > 0 and np.ptp(shifts) > 0
     x = _world_points(grid)
@@ -186,7 +186,8 @@ def test_random_ffd_is_bounded_and_diffeomorphic(shape, spacing, magnitude):
     grid = Grid.regular(shape, spacing=1.0)
     fields = np.asarray(random_ffd(jax.random.key(11), grid, 4, spacing=spacing,
                                    magnitude=magnitude))
-    assert fields.shape == (4,) + shape + (len(shape),) and fields.dtype == np.float32
+    chex.assert_shape(fields, (4,) + shape + (len(shape),))
+    chex.assert_type(fields, np.float32)
     # A B-spline field is a convex combination of its coefficients, and the coefficients are large.
     assert np.abs(fields).max() <= np.sum(magnitude) + 1e-5
     assert np.abs(fields).max(axis=tuple(range(1, fields.ndim))).min() > 0.25 * np.max(magnitude)
@@ -212,7 +213,7 @@ def test_warp_identity_and_integer_translation():
     zero = jnp.zeros((2,) + shape + (3,), jnp.float32)
     np.testing.assert_allclose(np.asarray(warp(images, grid, zero)), np.asarray(images), atol=1e-6)
     warped_labels = warp(labels, grid, zero, order=0)
-    assert warped_labels.dtype == jnp.int32
+    chex.assert_type(warped_labels, jnp.int32)
     np.testing.assert_array_equal(np.asarray(warped_labels), np.asarray(labels))
     steps = np.array([[2, -1, 1], [-3, 0, 2]])  # voxels; out_j[i] = images_j[i + steps_j]
     shift = jnp.broadcast_to(jnp.asarray(2.0 * steps, jnp.float32)[:, None, None, None],

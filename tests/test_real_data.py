@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import xjax
-from xjax import baselines, evaluate, io, phantoms
+from xjax import evaluate, io, objectives, phantoms
 from conftest import DATA, need
 
 pytestmark = pytest.mark.data
@@ -349,7 +349,7 @@ def test_spm12_cte_ffd_registration_reduces_misalignment():
     images = jnp.asarray(np.stack([im[::2, ::2] * foreground for im in slices]), jnp.float32)
     config = dataclasses.replace(
         xjax.presets.ffd(spacing=(48.0,), iterations=100, levels=1, learning_rate=0.1, bins=32,
-                         sample_rate=0.5), objective=baselines.CTE())
+                         sample_rate=0.5), objective=objectives.CTE())
     run = jax.jit(lambda moved, key: xjax.register(moved, grid, config, key=key))
     ratios = []
     for case in range(3):

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +148,7 @@ def test_one_trace_per_stage_and_level(phantom):
     before = register_module.TRACES["level"]
     res = xjax.register(phantom.images, phantom.grid, config, key=jax.random.key(8))
     assert register_module.TRACES["level"] - before == 3
-    assert res.loss_history.shape == (4 * 2 + 3,)
+    chex.assert_shape(res.loss_history, (4 * 2 + 3,))
     # A second run with other data and another key compiles nothing new.
     xjax.register(phantom.images[::-1], phantom.grid, config, key=jax.random.key(9))
     assert register_module.TRACES["level"] - before == 3
@@ -175,7 +176,7 @@ def test_any_optax_transform_and_status_reports_failure(phantom):
     # Steps of about a million mm carry the images out of each other's field of view.
     far = translation_config(iterations=5, levels=1, optimizer=optax.sgd(1e6))
     res = xjax.register(phantom.images, phantom.grid, far, key=jax.random.key(11))
-    assert int(res.status) == 2 and "overlap" in xjax.registration.STATUS[2]
+    assert int(res.status) == 2 and "overlap" in xjax.config.STATUS[2]
 
 
 def test_pyramid_averages_blocks():
@@ -261,5 +262,5 @@ def test_step_problem_is_the_first_step_of_register(phantom):
     res = xjax.register(phantom.images, phantom.grid, config, key=key)
     np.testing.assert_allclose(float(loss), float(res.loss_history[0]), rtol=1e-6)
     moved = jax.tree.map(lambda p, i: p - i, res.params[0], problem.params)
-    jax.tree.map(lambda m, g: np.testing.assert_allclose(m, -g, rtol=1e-5, atol=1e-7), moved, grads)
+    chex.assert_trees_all_close(moved, jax.tree.map(jnp.negative, grads), rtol=1e-5, atol=1e-7)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0

@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_jacobian_of_affine_displacement_is_det_a(shape, spacing):
     x = world_np(grid)
     u = x @ (a - np.eye(d)).T + rng.normal(size=d)
     det = np.asarray(jacobian_determinant(jnp.asarray(u), grid))
-    assert det.shape == shape
+    chex.assert_shape(det, shape)
     np.testing.assert_allclose(det, np.linalg.det(a), rtol=1e-10)
 
 

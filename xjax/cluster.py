@@ -1,7 +1,7 @@
 """Weighted k-means of intensity vectors: the starting classes of the mixture models.
 
 X-CoReg's posterior (:func:`xjax.em.init_em_kmeans`) and the GMM baseline
-(:class:`xjax.baselines.GMM`) both start from ``K`` clusters of the voxels' intensity vectors
+(:class:`xjax.objectives.GMM`) both start from ``K`` clusters of the voxels' intensity vectors
 ``x`` ``(V, N)`` (one entry per image, each image mapped onto ``[0, 1]`` by its range), with voxel
 weights ``(V,)`` (mask times overlap). Randomness comes from an :mod:`xjax.random` seed, so the
 clusters are a pure function of the key and vmap over groups.

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from xjax.grid import Grid
-from xjax.interpolate import sample_world
 from xjax.transforms.base import apply_linear, grid_points
 from xjax.transforms.bspline import BSplineFFD
 from xjax.transforms.linear import rotation_matrix
+from xjax.warp import warp_points
 
 __all__ = ["TISSUE_TABLE", "MisalignedGroup", "Phantom", "make_phantom", "misaligned_group",
            "random_ffd", "random_rigid", "render", "warp"]
@@ -364,7 +364,12 @@ def warp(images, grid: Grid, displacements, *, order: int = 1):
         raise ValueError(f"images {images.shape} and displacements {displacements.shape} do not "
                          f"match (N, *{grid.shape}) and (N, *{grid.shape}, {grid.ndim})")
     x = grid_points(grid, displacements.dtype)
-    return jax.vmap(lambda im, u: sample_world(im, grid, x + u, order=order))(images, displacements)
+
+    def one(image, u):
+        values, inside = warp_points(image, x + u, grid, order=order)
+        return jnp.where(inside, values, 0)
+
+    return jax.vmap(one)(images, displacements)
 
 
 def misaligned_group(key, phantom: Phantom, kind: str = "ffd", **kwargs) -> MisalignedGroup:

@@ -1,4 +1,4 @@
-"""Typed presets: named, frozen :class:`~xjax.register.Config` factories with a few knobs each.
+"""Typed presets: named, frozen :class:`~xjax.config.Config` factories with a few knobs each.
 
 Every preset takes keyword arguments only, so a misspelt knob raises ``TypeError``. Learning
 rates are Adam step sizes in mm per step; angles and affine entries are scaled by 0.01 inside the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from xjax.registration import Config, Stage
+from xjax.config import Config, Stage
 from xjax.transforms import Affine, BSplineFFD, Rigid, StationaryVelocity, Translation
 
 __all__ = ["translation", "rigid", "affine", "ffd", "rigid_ffd", "affine_ffd", "svf", "get", "NAMES"]

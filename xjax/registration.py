@@ -21,170 +21,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from xjax import presets
 from xjax import random as xrandom
 from xjax import validate
+from xjax.config import Config, Mode, Result, Stage
 from xjax.em import appearance_from_labels
 from xjax.grid import Grid, apply_linear
-from xjax.interpolate import sample, sample_stack_inside
-from xjax.metrics import FORMS
-from xjax.objectives import INITS, Objective, XMetric
+from xjax.interpolate import sample
+from xjax.objectives import Objective, XMetric
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
+from xjax.warp import warp_group
 
-__all__ = ["Stage", "Config", "Result", "register", "pyramid", "STATUS", "StepProblem", "step_problem"]
-
-Mode = Literal["unbiased", "reference"]
-#: ``Result.status`` codes.
-STATUS = {0: "converged", 1: "non-finite loss or parameters",
-          2: "the overlap region (Eq. 14) ran empty: an image left the others' field of view"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage of a registration: a transform model optimised over a pyramid.
-
-    Attributes:
-      transform: the transform spec (unbound; :func:`register` binds it to the common grid).
-      iterations: optimisation steps per pyramid level.
-      levels: pyramid levels, run coarse to fine; level ``l`` halves the grid ``l`` times.
-      learning_rate: Adam's initial step size (ignored when ``optimizer`` is given); it decays
-        along a cosine to 5% over each level. Updates are then scaled per parameter by
-        ``transform.lr_scale()`` (e.g. 0.01 for angles in radians).
-      bins: ``L``, Parzen intensity bins.
-      sample_rate: fraction of the level's voxels drawn at random each step for the metric.
-      bending: ``lambda``, weight of the bending energy (summed over the group; Eq. 15).
-      jitter: the metric's samples are read at their voxel centre plus a random offset of up to
-        ``jitter`` voxels per axis, redrawn every step, the same for every image (0: no offset).
-        Without it, linear interpolation smooths an image most at half-voxel shifts, which lowers
-        its noise and raises the X-metric there: a bias of up to half a voxel away from alignment.
-      optimizer: any ``optax.GradientTransformation`` (default: Adam with the cosine decay above);
-        it is initialised afresh at every pyramid level.
-    """
-
-    transform: Transform
-    iterations: int = 100
-    levels: int = 1
-    learning_rate: float = 0.1
-    bins: int = 64
-    sample_rate: float = 0.1
-    bending: float = 0.0
-    jitter: float = 0.5
-    optimizer: optax.GradientTransformation | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.transform, Transform):
-            raise ValueError(f"Stage.transform must be an xjax transform, got {self.transform!r}")
-        for name in ("iterations", "levels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"Stage.{name} must be >= 1, got {getattr(self, name)}")
-        validate.check_bins(self.bins)
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"Stage.sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.bending < 0:
-            raise ValueError(f"Stage.bending must be >= 0, got {self.bending}")
-        if not 0.0 <= self.jitter <= 0.5:
-            raise ValueError(f"Stage.jitter must be in [0, 0.5] voxels, got {self.jitter}")
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["transform"] = repr(self.transform)
-        d["optimizer"] = "adam" if self.optimizer is None else repr(self.optimizer)
-        return d
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A whole registration: stages in optimisation order plus the common-anatomy model.
-
-    Attributes:
-      stages: the stages; their transforms compose as ``phi = T_1 o ... o T_m`` (the last stage
-        acts first on the common-space point, see :mod:`xjax.transforms.chain`).
-      num_classes: ``K``, classes of the common anatomy.
-      mode: ``"unbiased"`` (Eq. 37: the group mean of the transforms is the identity) or
-        ``"reference"`` (image ``reference`` stays at the identity: group-to-reference).
-      reference: the fixed image in ``"reference"`` mode.
-      form: the X-metric form, ``"mi"`` (Eq. 17) or ``"reference"`` (``-H(K | U_j)``); both give the
-        same gradient for a fixed posterior.
-      init_posterior: the X-metric's posterior before the first step, ``"kmeans"`` or ``"random"``
-        (Eq. 22); see :class:`xjax.objectives.XMetric`.
-      objective: the groupwise similarity (:class:`xjax.objectives.Objective`); default ``None``,
-        the X-metric ``XMetric(num_classes, form, init_posterior)``. Any other objective (e.g. a
-        baseline of :mod:`xjax.baselines`) drives the same optimisation; the result then has no
-        posterior.
-    """
-
-    stages: tuple[Stage, ...]
-    num_classes: int = 4
-    mode: Mode = "unbiased"
-    reference: int = 0
-    form: Literal["mi", "reference"] = "mi"
-    init_posterior: Literal["kmeans", "random"] = "kmeans"
-    objective: Objective | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "stages", tuple(self.stages))
-        if not self.stages:
-            raise ValueError("Config needs at least one stage")
-        validate.check_num_classes(self.num_classes)
-        if self.mode not in ("unbiased", "reference"):
-            raise ValueError(f"mode must be 'unbiased' or 'reference', got {self.mode!r}")
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if self.init_posterior not in INITS:
-            raise ValueError(f"init_posterior must be one of {INITS}, got {self.init_posterior!r}")
-        if self.objective is not None and not isinstance(self.objective, Objective):
-            raise ValueError(f"Config.objective must be an xjax Objective, got {self.objective!r}")
-
-    @property
-    def metric(self) -> Objective:
-        """The objective in use: ``objective``, or the X-metric with ``num_classes``, ``form`` and
-        ``init_posterior``."""
-        if self.objective is None:
-            return XMetric(self.num_classes, self.form, self.init_posterior)
-        return self.objective
-
-    @property
-    def total_steps(self) -> int:
-        return sum(s.iterations * s.levels for s in self.stages)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["stages"] = [s.to_dict() for s in self.stages]
-        d["objective"] = repr(self.metric)
-        return d
-
-
-class Result(NamedTuple):
-    """What :func:`register` returns (every field an array or pytree of arrays, so it vmaps).
-
-    Attributes:
-      params: one entry per stage: the group's parameters of that stage (leading axis ``N``),
-        as applied (centred in unbiased mode).
-      displacements: ``(N, *spatial, D)`` in mm on the common grid: ``phi_j(x) = x + u_j(x)``.
-      warped: ``(N, *spatial)`` images pulled through ``phi_j``.
-      posterior: ``(*spatial, K)`` posterior of the common anatomy at the final transforms (X-metric
-        only; ``None`` for other objectives).
-      pi: ``(K,)`` class proportions (X-metric only; ``None`` for other objectives).
-      loss_history: ``(T,)`` loss (``-X + lambda R``) of every step, stages and levels in order.
-      status: int scalar (see :data:`STATUS`): 0 when every loss and parameter is finite; 2 when
-        some step's sample held no voxel inside every warped image (the group had drifted apart);
-        1 for other non-finite losses or parameters.
-    """
-
-    params: tuple
-    displacements: jax.Array
-    warped: jax.Array
-    posterior: jax.Array
-    pi: jax.Array
-    loss_history: jax.Array
-    status: jax.Array
-
+__all__ = ["register", "pyramid", "StepProblem", "step_problem"]
 
 # ---- pyramid -------------------------------------------------------------------------------------
 
@@ -276,8 +131,9 @@ def _displacements(spec: Transform, frozen: tuple, frozen_params, params, grid: 
 
 
 def _warp_group(images, grid: Grid, points):
-    """Pull ``(N, *spatial)`` images at world points ``(N, M, D)``: values and inside flags."""
-    return sample_stack_inside(images, grid.world_to_index(points))
+    """Pull ``(N, *spatial)`` images at world points ``(N, M, D)``: values (0 outside) and inside
+    flags, by :func:`xjax.warp.warp_group`."""
+    return warp_group(images, points, grid)
 
 
 def _step_loss(level: _Level, images, mask, ranges, x, frozen_params, params, state, drawn: _Draw):
@@ -405,7 +261,7 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
 
     Args:
       images: ``(N, *spatial)``, ``N >= 2`` images on one common grid (see
-        :func:`xjax.io.to_common_space` for images on different grids). Intensities in any units:
+        :func:`xjax.resample.to_common_space` for images on different grids). Intensities in any units:
         each image is binned over its own range.
       grid: the common grid (default ``Grid.regular(spatial)``, 1 mm voxels).
       config: stages and model (default ``xjax.presets.rigid_ffd()``).
@@ -419,8 +275,6 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
     Returns:
       :class:`Result`. Numerical failure is reported in ``Result.status``, not raised.
     """
-    from xjax import presets
-
     images = jnp.asarray(images)
     if not jnp.issubdtype(images.dtype, jnp.floating):
         images = images.astype(jnp.float32)

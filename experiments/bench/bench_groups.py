@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import benchtools
-from xjax import baselines, phantoms, presets
+from xjax import objectives, phantoms, presets
 
-METHODS = {"X-CoReg": None, "APE": baselines.APE()}
+METHODS = {"X-CoReg": None, "APE": objectives.APE()}
 
 
 def group(n: int, size: int, seed: int = 0):

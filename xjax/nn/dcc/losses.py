@@ -3,8 +3,10 @@
 Notation (paper Sec. 3.5): ``N`` images ``U_j`` on a common grid of shape ``S`` (``V`` voxels),
 ``K`` classes; the network predicts probability maps ``rho_hat_j`` ``(N, *S, K)`` and voxel
 displacements ``u_j`` ``(N, *S, D)`` with ``phi_j(x) = x + u_j(x)`` pulling image ``j`` into the
-common space (:mod:`xjax.grid`; here in voxels of the common grid). ``J`` is the set of images with
-observed labels ``Y_j``, whose label probabilities ``rho_j`` come from signed distances (Eq. 38).
+common space (:mod:`xjax.grid`; here in voxels of the common grid, which are the mm of
+:func:`xjax.nn.dcc.model.unit_grid`, the grid on which :func:`warp` applies :mod:`xjax.warp`).
+``J`` is the set of images with observed labels ``Y_j``, whose label probabilities ``rho_j`` come
+from signed distances (Eq. 38).
 
 Every probability that enters the posterior or the cross entropy is clipped to
 ``[zeta, 1 - (K - 1) zeta]`` (paper Sec. 4.4.1: ``zeta = 0.05`` in training, ``0.01`` in testing).
@@ -32,7 +34,9 @@ from xjax import em
 from xjax.density import EPS, joint_histogram
 from xjax.interpolate import sample_inside
 from xjax.metrics import group_class_information, information_from_histogram
+from xjax.nn.dcc.model import unit_grid
 from xjax.regularizers import bending_energy
+from xjax.warp import pull_points
 
 __all__ = [
     "LossConfig",
@@ -157,6 +161,14 @@ def label_probabilities(labels, num_classes: int, tau: float = 1.0, max_distance
 def warp(values, displacement, *, fill: float = 0.0):
     """Pull one image (or map) through a voxel displacement: ``out(x) = values(x + u(x))``.
 
+    The one warp of xjax on DCC's :func:`~xjax.nn.dcc.model.unit_grid` (a voxel is a millimetre):
+    the values are ``jnp.where(inside, xjax.warp.warp(values, u, unit_grid(S))[0], fill)``. They
+    are sampled at :func:`xjax.warp.pull_points` with the sampler's own ``fill``
+    (:func:`xjax.interpolate.sample_inside`) rather than through the border clamp of
+    :func:`xjax.warp.warp`: the values are the same bits, but the clamp in front of the sampler's
+    halves the gradient with respect to ``u`` at points exactly on the image's hull, where every
+    border voxel lies at the identity (a fresh network), and the losses keep their gradients.
+
     Args:
       values: ``(*S)`` or ``(*S, C)``.
       displacement: ``(*S, D)`` in voxels.
@@ -164,10 +176,8 @@ def warp(values, displacement, *, fill: float = 0.0):
       ``(warped, inside)``: warped values (``fill`` outside the image) and ``(*S)`` weights, 1
       where ``x + u(x)`` lies inside the image.
     """
-    d = displacement.shape[-1]
-    index = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=displacement.dtype) for n in values.shape[:d]],
-                                   indexing="ij"), axis=-1)
-    return sample_inside(values, index + displacement, fill=fill)
+    grid = unit_grid(values.shape[:displacement.shape[-1]])
+    return sample_inside(values, pull_points(displacement, grid), fill=fill)
 
 
 def _ranges(images):

@@ -37,16 +37,16 @@ Choices the paper leaves open, made here:
   mean and of the image's own warped expert (``4 C`` channels), giving the velocity's mean and
   log-variance in voxels of the level (converted to mm by the level grid). The mean head starts
   at zero (identity deformations), the log-variance head at ``-6``.
-* Warping of feature maps and images: linear interpolation, border-extended
-  (:func:`xjax.interpolate.sample_clamped`). Coarser displacements are carried to finer levels by
+* Warping of feature maps and images: the values of :func:`xjax.warp.warp`, linear interpolation,
+  border-extended. Coarser displacements are carried to finer levels by
   linear resampling (:func:`xjax.transforms.dense.resample_field`) and composed by
   :func:`xjax.evaluate.compose_displacements`.
 * ``phi_m^-1 = exp(-v^L_m) o ... o exp(-v^1_m)``, each level integrated on its own grid.
 * Velocity prior and KL: the Laplacian prior of the paper's reference [5]
-  (:func:`xjax.nn.bingo_losses.velocity_kl`), in voxels of each level.
+  (:func:`xjax.nn.bingo.losses.velocity_kl`), in voxels of each level.
 * Sampling: one reparameterised sample of each ``v^l_m`` and ``z^l`` per step in training; the
   posterior means (MAP) at inference.
-* ELBO weights (:class:`xjax.nn.bingo_losses.ElboWeights`): the L1 term is read as a Laplace
+* ELBO weights (:class:`xjax.nn.bingo.losses.ElboWeights`): the L1 term is read as a Laplace
   likelihood of scale ``b = 0.05`` of the [0, 1] intensity range (``lambda_1 = 20``), with
   ``lambda_2 = 2`` and ``lambda_3 = 1``. With ``b = 1`` the experts carry only smooth outlines
   and the group is warped towards one of them; with cheap deformations (``lambda_2`` small next
@@ -78,11 +78,11 @@ from flax import nnx
 
 from xjax.evaluate import compose_displacements
 from xjax.grid import Grid, apply_linear
-from xjax.interpolate import sample_clamped
 from xjax.nn import blocks
-from xjax.nn.bingo_losses import (ElboWeights, kl_bound, l1_reconstruction, poe_from_sums,
+from xjax.nn.bingo.losses import (ElboWeights, kl_bound, l1_reconstruction, poe_from_sums,
                                   poe_sums, product_of_experts, velocity_kl)
 from xjax.transforms.dense import resample_field, scaling_and_squaring
+from xjax.warp import warp
 
 __all__ = [
     "BInGo",
@@ -96,7 +96,6 @@ __all__ = [
     "level_grids",
     "loss_terms",
     "register_group",
-    "warp",
 ]
 
 _LOGVAR_BOUND = 8.0
@@ -249,17 +248,10 @@ def check_group(config: BingoConfig, images, modalities, grid: Grid) -> None:
             raise ValueError(f"modalities must lie in [0, {config.num_modalities}), got {m.tolist()}")
 
 
-def warp(image, displacement, grid: Grid):
-    """``image(x + u(x))`` at the voxel centres of ``grid``, border-extended linear interpolation.
-
-    Args:
-      image: ``(*grid.shape)`` or ``(*grid.shape, C)``.
-      displacement: ``(*grid.shape, D)`` in mm.
-    """
-    d = grid.ndim
-    index_per_mm = jnp.asarray(np.linalg.inv(grid.matrix[:d, :d]), displacement.dtype)
-    index = grid.index_points(displacement.dtype) + apply_linear(displacement, index_per_mm)
-    return sample_clamped(image, index)
+def _pull(image, displacement, grid: Grid):
+    """``image(x + u(x))`` at the voxel centres of ``grid``: the values of :func:`xjax.warp.warp`
+    (linear, border-extended; ``image`` ``(*grid.shape[, C])``, ``displacement`` in mm)."""
+    return warp(image, displacement, grid)[0]
 
 
 def _to_mm(velocity, grid: Grid):
@@ -285,7 +277,7 @@ def _warp_own(own, u_prev, grids, level: int):
         return own, None
     grid = grids[level]
     u_up = _carry_down(u_prev, grids[level - 1], grid)
-    warp_all = jax.vmap(warp, in_axes=(0, 0, None))
+    warp_all = jax.vmap(_pull, in_axes=(0, 0, None))
     return tuple(warp_all(e, u_up, grid) for e in own), u_up
 
 
@@ -411,14 +403,14 @@ def forward(model: BInGo, images, modalities, grid: Grid, key=None) -> Outputs:
                        inverse=True)
         velocity.append((v_mu, v_logvar))
         inverses.append(w)
-    warped = jax.vmap(warp, in_axes=(0, 0, None))(images, u, grid)
+    warped = jax.vmap(_pull, in_axes=(0, 0, None))(images, u, grid)
     experts = model.encode(warped, modalities)
     common = [product_of_experts(mu, logvar) for mu, logvar in experts]
     z = [jnp.broadcast_to(_sample(mu, lv, k), (images.shape[0],) + mu.shape)
          for (mu, lv), k in zip(common, keys[levels:])]
     reconstruction = model.decode(z, modalities)
     inverse = _inverse(inverses, grids)
-    original = jax.vmap(warp, in_axes=(0, 0, None))(reconstruction, inverse, grid)
+    original = jax.vmap(_pull, in_axes=(0, 0, None))(reconstruction, inverse, grid)
     return Outputs(u, inverse, warped, reconstruction, original, tuple(velocity), tuple(experts),
                    tuple(common))
 
@@ -494,7 +486,7 @@ def _register_chunked(graphdef, state, images, modalities, grid: Grid, chunk: in
             return _deform(v_mu, None, grids[l], u_up, None, model.config.svf_steps)[0]
 
         u = jax.lax.map(step, data)
-    warped = jax.vmap(jax.vmap(warp, in_axes=(0, 0, None)), in_axes=(0, 0, None))(x, u, grid)
+    warped = jax.vmap(jax.vmap(_pull, in_axes=(0, 0, None)), in_axes=(0, 0, None))(x, u, grid)
     sums = _accumulate(lambda c: [poe_sums(*e, c["w"]) for e in model.encode(c["x"], c["m"])],
                        {"x": warped, "m": m, "w": w})
     unchunk = lambda a: a.reshape((-1,) + a.shape[2:])[:n]

@@ -7,7 +7,7 @@
 
 (paths relative to the manifest; ``null`` for a missing modality, allowed with ``--scheme
 partial``). Image ``j`` of a group has modality ``j``. Each group is resampled onto the grid of
-its first image (:func:`xjax.io.to_common_space`), and all groups must then share one shape.
+its first image (:func:`xjax.resample.to_common_space`), and all groups must then share one shape.
 Intensities go to [0, 1] by each image's 0.5 / 99.5 percentiles. Training resumes from
 ``--checkpoint`` when that file exists.
 
@@ -17,7 +17,8 @@ image, and writes per image the warped image and the displacement (world mm, pul
 image) with ``transforms.json`` (readable by ``xjax apply``), the common structure (mean of
 ``q(z^L | x, v)``, channels as volumes) and ``report.json``.
 
-Flax and the network modules are imported when a command runs, not when the parser is built.
+JAX, Flax, the network modules and the core of xjax are imported when a command runs, not when
+the parser is built.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import json
 import os
 import time
 
-from xjax.io import grid_dict, write_json, write_transforms
-
 __all__ = ["add_parser", "run", "load_manifest", "train_files", "predict_files"]
 
 
@@ -35,8 +34,10 @@ def load_manifest(path):
     """``(GroupData, modalities, grid)`` from a manifest (see the module docstring)."""
     import numpy as np
 
-    from xjax.io import load_image, to_common_space
-    from xjax.nn.bingo_train import GroupData, normalise
+    from xjax.io import load_image
+    from xjax.resample import to_common_space
+    from xjax.intensity import unit_range as normalise
+    from xjax.nn.bingo.train import GroupData
 
     path = os.fspath(path)
     try:
@@ -72,7 +73,7 @@ def load_manifest(path):
 
 
 def _elbo_weights(weights, smoothness):
-    from xjax.nn.bingo_losses import ElboWeights
+    from xjax.nn.bingo.losses import ElboWeights
 
     default = ElboWeights()
     lambdas = (default.reconstruction, default.velocity, default.structure) if weights is None else weights
@@ -85,9 +86,10 @@ def train_files(manifest, output, *, scheme="complete", steps=1000, batch=4, fea
     """Train on a manifest and write the weights (``bingo_train.save_model``); returns a summary.
 
     ``weights`` (``lambda_1..3``) and ``smoothness`` default to those of
-    :class:`~xjax.nn.bingo_losses.ElboWeights`."""
+    :class:`~xjax.nn.bingo.losses.ElboWeights`."""
     from xjax.io import check_output_path
-    from xjax.nn import bingo, bingo_train
+    from xjax.nn import bingo
+    from xjax.nn.bingo import train as bingo_train
     from xjax.progress import ProgressBar, null
 
     check_output_path(output, force)
@@ -117,9 +119,12 @@ def predict_files(weights, images, modalities, outdir, *, chunk=64, force=False)
     """Register ``images`` (NIfTI paths) with the model in ``weights``; write into ``outdir``."""
     import numpy as np
 
-    from xjax.io import atomic_output_dir, check_output_path, load_image, save_image, to_common_space
+    from xjax.io import (atomic_output_dir, check_output_path, grid_dict, load_image, save_image, write_json,
+                         write_transforms)
+    from xjax.resample import to_common_space
     from xjax.nn import bingo
-    from xjax.nn.bingo_train import load_model, normalise
+    from xjax.intensity import unit_range as normalise
+    from xjax.nn.bingo.train import load_model
 
     check_output_path(outdir, force)
     model, stored = load_model(weights)
@@ -173,7 +178,7 @@ def add_parser(commands) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weights", type=float, nargs=3, default=None, metavar=("L1", "L2", "L3"),
                        help="ELBO weights: reconstruction, velocity KL, structure KL "
-                            "(default: xjax.nn.bingo_losses.ElboWeights, 20 2 1)")
+                            "(default: xjax.nn.bingo.losses.ElboWeights, 20 2 1)")
     train.add_argument("--smoothness", type=float, default=None,
                        help="velocity prior precision (default 10)")
     train.add_argument("--checkpoint", metavar="PATH", help="training checkpoint: resumed if present")

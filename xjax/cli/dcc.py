@@ -8,7 +8,7 @@
 
 (paths relative to the manifest; ``labels`` optional, ``null`` for an unlabelled image). Image
 ``j`` of every group has modality ``j``. Each group is resampled onto the grid of its first image
-(:func:`xjax.io.to_common_space`; labels by nearest neighbour), and all groups must then share one
+(:func:`xjax.resample.to_common_space`; labels by nearest neighbour), and all groups must then share one
 shape. Training resumes from ``--checkpoint`` when that file exists.
 
 ``xjax dcc predict WEIGHTS IMAGE... -o OUTDIR`` writes what ``xjax register`` writes: per image the
@@ -16,7 +16,8 @@ warped image and the displacement (world mm, pull, on the common grid = the firs
 the posterior ``Z[2]`` (Eq. 40) and its argmax segmentation, the network's probability maps,
 ``transforms.json`` (readable by ``xjax apply``) and ``report.json``.
 
-Flax and the network modules are imported when a command runs, not when the parser is built.
+JAX, Flax, the network modules and the core of xjax are imported when a command runs, not when
+the parser is built.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ import json
 import os
 import time
 
-from xjax.io import file_stem as _stem
-from xjax.io import grid_dict as _grid_dict
-from xjax.io import write_json as _write_json
+from xjax.cli.common import environment
 
 __all__ = ["add_parser", "run", "load_manifest", "train_files", "predict_files"]
 
-#: :data:`xjax.nn.dcc_train.STRATEGIES`, repeated so that building the parser imports no Flax.
+#: :data:`xjax.nn.dcc.train.STRATEGIES`, repeated so that building the parser imports no Flax.
 STRATEGIES = ("DGR", "DCC+AT", "DCC+BS", "DCC+All")
 
 
@@ -41,7 +40,8 @@ def load_manifest(path):
     manifest (see the module docstring)."""
     import numpy as np
 
-    from xjax.io import load_image, pull_image, to_common_space
+    from xjax.io import load_image
+    from xjax.resample import pull_image, to_common_space
 
     path = os.path.abspath(path)
     try:
@@ -85,7 +85,9 @@ def train_files(manifest, output, *, strategy="DGR", labelled_modality=0, num_cl
                 quiet=False) -> dict:
     """Train on a manifest and write the weights to ``output`` (see the module docstring)."""
     from xjax.io import check_output_path
-    from xjax.nn import dcc, dcc_losses, dcc_train
+    from xjax.nn import dcc
+    from xjax.nn.dcc import losses as dcc_losses
+    from xjax.nn.dcc import train as dcc_train
     from xjax.progress import ProgressBar
 
     check_output_path(output, force)
@@ -114,15 +116,16 @@ def train_files(manifest, output, *, strategy="DGR", labelled_modality=0, num_cl
 
 def predict_files(weights, paths, outdir, *, force=False, quiet=False) -> dict:
     """Register and segment one group of NIfTI images with trained weights; write ``outdir``."""
-    import importlib.metadata
-
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from xjax.io import atomic_output_dir, check_output_path, load_image, save_image, to_common_space, write_transforms
-    from xjax.nn import dcc, dcc_train
+    from xjax.io import (atomic_output_dir, check_output_path, file_stem, grid_dict, load_image, save_image,
+                         write_json, write_transforms)
+    from xjax.resample import to_common_space
+    from xjax.nn import dcc
+    from xjax.nn.dcc import train as dcc_train
 
     paths = [os.path.abspath(p) for p in paths]
     check_output_path(outdir, force)
@@ -146,21 +149,20 @@ def predict_files(weights, paths, outdir, *, force=False, quiet=False) -> dict:
     t1 = time.perf_counter()
     disp = dcc.displacement_to_mm(pred.displacement, common)
     report = {"weights": os.path.abspath(weights), "strategy": info["strategy"], "modalities": info["modalities"],
-              "inputs": [{"path": p, "grid": _grid_dict(g)} for p, (_, g) in zip(paths, loaded)],
-              "common_grid": _grid_dict(common),
+              "inputs": [{"path": p, "grid": grid_dict(g)} for p, (_, g) in zip(paths, loaded)],
+              "common_grid": grid_dict(common),
               "pi_posterior": [float(v) for v in np.asarray(pred.posterior).reshape(-1, num_classes).mean(0)],
-              "versions": {"xjax": importlib.metadata.version("xjax"), "jax": jax.__version__},
-              "device": str(jax.devices()[0])}
+              **environment()}
     with atomic_output_dir(outdir, force) as tmp:
         entries = write_transforms(tmp, paths, loaded, common, disp)
         for j, e in enumerate(entries):
-            e["probabilities"] = f"probabilities_{j}_{_stem(e['input'])}.nii.gz"
+            e["probabilities"] = f"probabilities_{j}_{file_stem(e['input'])}.nii.gz"
             save_image(os.path.join(tmp, e["probabilities"]), np.asarray(pred.probs[j], np.float32), common)
         save_image(os.path.join(tmp, "posterior.nii.gz"), np.asarray(pred.posterior, np.float32), common)
         save_image(os.path.join(tmp, "segmentation.nii.gz"), np.asarray(pred.segmentation), common, dtype=np.int16)
         report["outputs"] = entries
         report["timings_s"] = {"load_and_predict": t1 - t0, "write": time.perf_counter() - t1}
-        _write_json(os.path.join(tmp, "report.json"), report)
+        write_json(os.path.join(tmp, "report.json"), report)
     if not quiet:
         print(f"registered and segmented {n} images into {outdir} ({t1 - t0:.1f} s)")
     return report

@@ -3,11 +3,12 @@
 Data: a :class:`Dataset` of ``P`` groups of ``N`` images on one grid (each group roughly aligned),
 with labels where the strategy needs them. Every training step draws ``batch_size`` groups and, for
 each image, one displacement from a bank of random B-spline FFDs of several mesh spacings (the
-paper's synthetic misalignment augmentation), warps images, labels and label probabilities with it,
-and takes one optax step on the DCC loss (Eq. 47).
+paper's synthetic misalignment augmentation), warps images, labels and label probabilities with it
+(:func:`xjax.warp.warp` on :func:`~xjax.nn.dcc.model.unit_grid`, border-extended), and takes one
+optax step on the DCC loss (Eq. 47).
 
 Branches (paper Sec. 3.5.3, 4.4.1): the segmentation branch (encoder, bottleneck, segmentation
-decoder; Adam, lr 1e-3) and the registration branch (:data:`~xjax.nn.dcc.REGISTRATION_BRANCH`;
+decoder; Adam, lr 1e-3) and the registration branch (:data:`~xjax.nn.dcc.model.REGISTRATION_BRANCH`;
 Adam, lr 1e-4) are updated alternately, ``alternate_every`` steps each, both on the total loss.
 
 Strategies (Sec. 4.4.1): ``"DGR"`` no labels; ``"DCC+AT"`` an atlas (majority vote of training
@@ -15,7 +16,8 @@ labels) as a common-space prior; ``"DCC+BS"`` labels of one modality; ``"DCC+All
 
 The train step is one ``jax.jit`` function of ``(TrainState, Dataset)`` over the ``nnx.split``
 parameters (graph definition static); everything random comes from the key in the state, so a run
-resumed from a checkpoint (:mod:`xjax.nn.checkpoint`) continues bit-exactly.
+resumed from a checkpoint (:mod:`xjax.nn.checkpoint`) continues bit-exactly. Images are z-scored
+(:func:`xjax.intensity.zscore`); displacements are in voxels of the common grid.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+import xjax.warp
 from xjax import phantoms
-from xjax.grid import Grid
-from xjax.interpolate import sample_clamped
-from xjax.nn import checkpoint, dcc
-from xjax.nn.dcc_losses import Group, LossConfig, clip_probabilities, dcc_losses, label_probabilities, posterior, warp
+from xjax.intensity import zscore
+from xjax.nn import checkpoint
+from xjax.nn.dcc.losses import Group, LossConfig, clip_probabilities, dcc_losses, label_probabilities, posterior, warp
+from xjax.nn.dcc.model import DCC, REGISTRATION_BRANCH, DCCConfig, create, unit_grid
+from xjax.nn.training import compiler_options, due
 
 __all__ = [
     "STRATEGIES",
@@ -50,7 +54,6 @@ __all__ = [
     "split_params",
     "init_state",
     "make_train_step",
-    "FAST_COMPILE",
     "train",
     "predict",
     "make_predictor",
@@ -60,7 +63,7 @@ __all__ = [
 
 STRATEGIES = ("DGR", "DCC+AT", "DCC+BS", "DCC+All")
 
-_REGISTRATION = nnx.Any(*(nnx.PathContains(name) for name in dcc.REGISTRATION_BRANCH))
+_REGISTRATION = nnx.Any(*(nnx.PathContains(name) for name in REGISTRATION_BRANCH))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ class Dataset(NamedTuple):
     """Training groups on one grid of shape ``S`` (device arrays).
 
     Attributes:
-      images: ``(P, N, *S)`` float32, normalised per image.
+      images: ``(P, N, *S)`` float32, z-scored per image (:func:`xjax.intensity.zscore`).
       modality: ``(N,)`` int32 modality index of each position in a group.
       labels: ``(P, N, *S)`` int32 (zeros where there are none).
       label_probs: ``(P, N, *S, K)`` Eq. (38) probabilities of ``labels``.
@@ -169,9 +172,9 @@ class Prediction(NamedTuple):
 
 def ffd_bank(shape, config: TrainConfig) -> jax.Array:
     """The augmentation bank: ``ffd_per_spacing`` random FFDs per spacing in ``config.ffd_spacings``
-    on a unit-spacing grid of ``shape``, coefficients uniform in ``+-ffd_ratio * spacing`` voxels.
+    on :func:`~xjax.nn.dcc.model.unit_grid` ``(shape)``, coefficients uniform in ``+-ffd_ratio * spacing`` voxels.
     Returns ``(F, *shape, D)`` float32 voxel displacements."""
-    grid = Grid.regular(tuple(shape), 1.0)
+    grid = unit_grid(shape)
     keys = jax.random.split(jax.random.key(config.seed + 1), len(config.ffd_spacings))
     return jnp.concatenate([
         phantoms.random_ffd(k, grid, config.ffd_per_spacing, spacing=s, magnitude=config.ffd_ratio * s)
@@ -182,7 +185,7 @@ def make_dataset(images, labels, modality, num_classes: int, config: TrainConfig
     """Assemble a :class:`Dataset` (setup time, host side).
 
     Args:
-      images: ``(P, N, *S)`` raw intensities (normalised here, per image).
+      images: ``(P, N, *S)`` raw intensities (z-scored here, per image).
       labels: ``(P, N, *S)`` int labels in ``[0, K)``, or ``None`` (DGR only).
       modality: ``(N,)`` modality indices.
       num_classes: ``K``.
@@ -212,12 +215,12 @@ def make_dataset(images, labels, modality, num_classes: int, config: TrainConfig
     if config.strategy == "DCC+AT":
         votes = np.stack([(labels[:, config.labelled_modality] == k).sum(0) for k in range(num_classes)], -1)
         prior = label_probabilities(jnp.asarray(votes.argmax(-1)), num_classes, tau)
-    normalised = jax.vmap(dcc.normalise)(jnp.asarray(images))
+    normalised = jax.vmap(zscore)(jnp.asarray(images))
     return Dataset(normalised, jnp.asarray(modality), jnp.asarray(labels), label_probs,
                    jnp.asarray(config.labelled(n)), prior, ffd_bank(spatial, config))
 
 
-def split_params(model: dcc.DCC):
+def split_params(model: DCC):
     """``(graphdef, seg_params, reg_params)``: the model split into its two branches."""
     graphdef, reg, seg = nnx.split(model, _REGISTRATION, nnx.Param)
     return graphdef, seg, reg
@@ -227,7 +230,7 @@ def _optimisers(config: TrainConfig):
     return optax.adam(config.seg_lr), optax.adam(config.reg_lr)
 
 
-def init_state(model: dcc.DCC, config: TrainConfig) -> TrainState:
+def init_state(model: DCC, config: TrainConfig) -> TrainState:
     """The state at step 0: the model's parameters, fresh Adam states, key from ``config.seed``."""
     _, seg, reg = split_params(model)
     seg_tx, reg_tx = _optimisers(config)
@@ -241,11 +244,10 @@ def _augmented_batch(key, data: Dataset, batch_size: int) -> Group:
     num_groups, n = data.images.shape[:2]
     which = jax.random.randint(k_group, (batch_size,), 0, num_groups)
     fields = data.bank[jax.random.randint(k_field, (batch_size, n), 0, data.bank.shape[0])]
-    spatial = data.images.shape[2:]
-    index = jnp.stack(jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in spatial], indexing="ij"), -1)
+    grid = unit_grid(data.images.shape[2:])
 
     def pull(values, u, order):
-        return sample_clamped(values, index + u, order=order)
+        return xjax.warp.warp(values, u, grid, order=order)[0]
 
     pull_group = jax.vmap(jax.vmap(pull, in_axes=(0, 0, None)), in_axes=(0, 0, None))
     return Group(
@@ -258,16 +260,10 @@ def _augmented_batch(key, data: Dataset, batch_size: int) -> Group:
     )
 
 
-#: XLA options of ``fast_compile``: no LLVM optimisation of the fused elementwise code (the
-#: convolutions are library calls either way). On a CPU it compiles the train step about three
-#: times faster; use it for short runs and tests.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def make_train_step(graphdef, loss_config: LossConfig, config: TrainConfig, *, fast_compile: bool = False) -> Callable:
     """The jitted step ``(TrainState, Dataset) -> (TrainState, metrics)``.
 
-    ``metrics`` holds the batch means of the :class:`~xjax.nn.dcc_losses.Losses` fields and the
+    ``metrics`` holds the batch means of the :class:`~xjax.nn.dcc.losses.Losses` fields and the
     ``phase`` (0: segmentation branch updated, 1: registration branch). The step reads only the
     optimisation fields of ``config`` (the strategy lives in the :class:`Dataset`), and the
     function is cached on them: every strategy, seed and repeated or resumed :func:`train` call
@@ -289,7 +285,7 @@ def _train_step(graphdef, loss_config: LossConfig, batch_size: int, seg_lr: floa
         losses = jax.tree.map(jnp.mean, losses)
         return losses.total, losses
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
+    @functools.partial(jax.jit, compiler_options=compiler_options(fast_compile))
     def step(state: TrainState, data: Dataset):
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         batch = _augmented_batch(sub, data, batch_size)
@@ -312,7 +308,7 @@ def _train_step(graphdef, loss_config: LossConfig, batch_size: int, seg_lr: floa
     return step
 
 
-def train(model: dcc.DCC, data: Dataset, loss_config: LossConfig, config: TrainConfig, steps: int, *,
+def train(model: DCC, data: Dataset, loss_config: LossConfig, config: TrainConfig, steps: int, *,
           checkpoint_path=None, checkpoint_every: int = 100, log_path=None, log_every: int = 10,
           progress: Callable[[int, int, float], None] | None = None, extra_config: dict | None = None,
           fast_compile: bool = False):
@@ -320,14 +316,14 @@ def train(model: dcc.DCC, data: Dataset, loss_config: LossConfig, config: TrainC
 
     Args:
       model: the network (its parameters are the starting point when no checkpoint exists).
-      data, loss_config, config: see :class:`Dataset`, :class:`~xjax.nn.dcc_losses.LossConfig`,
+      data, loss_config, config: see :class:`Dataset`, :class:`~xjax.nn.dcc.losses.LossConfig`,
         :class:`TrainConfig`.
       steps: the total number of steps (a resumed run continues from the stored step).
       checkpoint_path: ``.npz`` file written every ``checkpoint_every`` steps and at the end.
       log_path: a JSON-lines metrics log, one line per ``log_every`` steps (appended).
       progress: a callback ``(done, total, loss)`` such as :class:`xjax.progress.ProgressBar`.
       extra_config: JSON-serialisable additions to the checkpoint's config.
-      fast_compile: compile with :data:`FAST_COMPILE`.
+      fast_compile: compile with :data:`xjax.nn.training.FAST_COMPILE`.
 
     Returns:
       ``(model, state)``: the model with the trained parameters and the final :class:`TrainState`.
@@ -348,7 +344,7 @@ def train(model: dcc.DCC, data: Dataset, loss_config: LossConfig, config: TrainC
         for i in range(start, steps):
             state, metrics = step_fn(state, data)
             done = i + 1
-            if done % log_every == 0 or done == steps:
+            if due(done, steps, log_every):
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if log is not None:
                     log.write(json.dumps({"step": done, "seconds": round(time.perf_counter() - clock, 3),
@@ -356,7 +352,7 @@ def train(model: dcc.DCC, data: Dataset, loss_config: LossConfig, config: TrainC
                     log.flush()
                 if progress is not None:
                     progress(done, steps, values["total"])
-            if checkpoint_path is not None and (done % checkpoint_every == 0 or done == steps):
+            if checkpoint_path is not None and due(done, steps, checkpoint_every):
                 checkpoint.save(checkpoint_path, state, config=stored)
     finally:
         if log is not None:
@@ -364,7 +360,7 @@ def train(model: dcc.DCC, data: Dataset, loss_config: LossConfig, config: TrainC
     return nnx.merge(graphdef, state.reg_params, state.seg_params), state
 
 
-def predict(model: dcc.DCC, images, modality, *, num_classes: int, labelled=None, prior=None,
+def predict(model: DCC, images, modality, *, num_classes: int, labelled=None, prior=None,
             bins: int = 32, zeta: float = 0.01) -> Prediction:
     """Register and segment one group (not jitted here; wrap in ``nnx.jit`` for repeated calls).
 
@@ -372,7 +368,7 @@ def predict(model: dcc.DCC, images, modality, *, num_classes: int, labelled=None
     images in ``labelled`` (Eq. 53), clipped with the test ``zeta``.
 
     Args:
-      images: ``(N, *S)`` normalised images (:func:`~xjax.nn.dcc.normalise`); modality ``(N,)``.
+      images: ``(N, *S)`` z-scored images (:func:`xjax.intensity.zscore`); modality ``(N,)``.
       labelled: optional ``(N,)`` bool, the ``J`` the network was trained with (default none).
       prior: optional ``(*S, K)`` common-space prior (the DCC+AT atlas).
     """
@@ -400,7 +396,7 @@ def make_predictor(graphdef, *, num_classes: int, bins: int = 32, zeta: float = 
     ``(params, images, modality, labelled, prior) -> Prediction`` over the model's state
     (``nnx.split(model)[1]``); ``labelled`` ``(N,)`` bool and ``prior`` ``(*S, K)`` are arrays
     (uniform ``1/K`` for no prior). Compiles once per group shape for a given graph."""
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
+    @functools.partial(jax.jit, compiler_options=compiler_options(fast_compile))
     def run(params, images, modality, labelled, prior):
         return predict(nnx.merge(graphdef, params), images, modality, num_classes=num_classes, labelled=labelled,
                        prior=prior, bins=bins, zeta=zeta)
@@ -408,7 +404,7 @@ def make_predictor(graphdef, *, num_classes: int, bins: int = 32, zeta: float = 
     return run
 
 
-def save_weights(path, model: dcc.DCC, prior, config: dict, *, half: bool = True) -> None:
+def save_weights(path, model: DCC, prior, config: dict, *, half: bool = True) -> None:
     """Write a model for inference (parameters only, no optimiser state) with its common-space
     prior ``(*S, K)`` and a JSON ``config`` (strategy, labelled images, loss settings, ...);
     :func:`load_weights` reads it back. Atomic (:mod:`xjax.nn.checkpoint`).
@@ -423,11 +419,11 @@ def save_weights(path, model: dcc.DCC, prior, config: dict, *, half: bool = True
     checkpoint.save(path, {"params": params, "prior": prior}, config=stored)
 
 
-def load_weights(path) -> tuple[dcc.DCC, jax.Array, dict]:
+def load_weights(path) -> tuple[DCC, jax.Array, dict]:
     """``(model, prior, config)`` from a file written by :func:`save_weights` (float32 model)."""
     config = checkpoint.read_config(path)
     try:
-        model = dcc.create(dcc.DCCConfig(**config["model"]))
+        model = create(DCCConfig(**config["model"]))
         stored = jnp.dtype(config.get("param_dtype", "float32"))
         like = {"params": jax.tree.map(lambda a: a.astype(stored), nnx.state(model, nnx.Param)),
                 "prior": jnp.zeros(tuple(config["prior_shape"]), jnp.float32)}

@@ -24,8 +24,10 @@ training and inference compute the same function); there is no dropout (training
 given the seed); and ``D_r`` decodes each image's features next to the fused moments instead of the
 moments alone, so that one set of weights serves any group size ``N`` and any modality order.
 
-Units: displacements are in **voxels** along the index axes of the common grid; convert to world mm
-with :func:`displacement_to_mm`. Images are expected normalised per image (:func:`normalise`).
+Units: displacements are in **voxels** along the index axes of the common grid, which are the
+millimetres of DCC's :func:`unit_grid` (1 mm voxels, no rotation): the losses and the augmentation
+warp through :mod:`xjax.warp` on that grid. Convert to the world mm of the images' own grid with
+:func:`displacement_to_mm`. Images are expected z-scored per image (:func:`xjax.intensity.zscore`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from flax import nnx
 from xjax.grid import Grid, apply_linear
 from xjax.nn import blocks
 
-__all__ = ["DCCConfig", "DCC", "DCCOutput", "create", "normalise", "displacement_to_mm", "REGISTRATION_BRANCH"]
+__all__ = ["DCCConfig", "DCC", "DCCOutput", "create", "unit_grid", "displacement_to_mm", "REGISTRATION_BRANCH"]
 
 #: Attribute names of the registration branch ``D_r`` (everything else, the encoder, bottleneck
 #: and segmentation decoder, is the segmentation branch ``(E, D_s)``).
@@ -91,7 +93,8 @@ class DCCOutput(NamedTuple):
 
     Attributes:
       probs: ``(N, *S, K)`` segmentation probabilities ``rho_hat_j`` (softmax; rows sum to one).
-      displacement: ``(N, *S, D)`` displacements ``u_j`` in voxels, group mean zero (Eq. 37).
+      displacement: ``(N, *S, D)`` displacements ``u_j`` in voxels (mm of :func:`unit_grid`), group
+        mean zero (Eq. 37).
     """
 
     probs: jax.Array
@@ -131,7 +134,8 @@ class DCC(nnx.Module):
         """Predict segmentations and displacements for one group.
 
         Args:
-          images: ``(N, *S)`` normalised intensities on the common grid (``N >= 1``, any ``N``).
+          images: ``(N, *S)`` z-scored intensities (:func:`xjax.intensity.zscore`) on the common
+            grid (``N >= 1``, any ``N``).
           modality: ``(N,)`` int modality index of each image, in ``[0, num_modalities)``.
         """
         spatial = images.shape[1:]
@@ -160,19 +164,14 @@ def create(config: DCCConfig, seed: int = 0) -> DCC:
     return model
 
 
-def normalise(images, mask=None):
-    """Per-image z-score over the spatial axes: ``(N, *S)`` -> ``(N, *S)`` float32 (mask: optional
-    ``(N, *S)`` or ``(*S)`` weights for the statistics)."""
-    images = jnp.asarray(images, jnp.float32)
-    axes = tuple(range(1, images.ndim))
-    w = jnp.ones_like(images) if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape)
-    count = jnp.maximum(jnp.sum(w, axis=axes, keepdims=True), 1.0)
-    mean = jnp.sum(w * images, axis=axes, keepdims=True) / count
-    std = jnp.sqrt(jnp.sum(w * jnp.square(images - mean), axis=axes, keepdims=True) / count)
-    return (images - mean) / jnp.maximum(std, 1e-6)
+def unit_grid(shape) -> Grid:
+    """The grid DCC's displacements live on: ``shape`` voxels of 1 mm along the index axes (no
+    rotation), so that a displacement in voxels is one in mm and :mod:`xjax.warp` applies as is."""
+    return Grid.regular(tuple(shape), 1.0)
 
 
 def displacement_to_mm(displacement, grid: Grid):
-    """Voxel displacements ``(..., D)`` along ``grid``'s index axes -> world mm ``(..., D)``."""
+    """Voxel displacements ``(..., D)`` along ``grid``'s index axes (the mm of :func:`unit_grid`)
+    -> world mm ``(..., D)`` of ``grid``, the images' own common grid."""
     d = grid.ndim
     return apply_linear(displacement, jnp.asarray(np.asarray(grid.matrix[:d, :d]), displacement.dtype))

@@ -13,7 +13,7 @@ parameters a pytree) and an optax optimiser (Adam, the paper's learning rate 1e-
 Every random draw is a function of ``(seed, step)``: the data by a numpy generator seeded with
 ``[seed, step]``, the reparameterisation noise by ``fold_in(key(seed), step)``. A checkpoint
 holds parameters, optimiser state and step, so a resumed run is bit-identical to an
-uninterrupted one.
+uninterrupted one. Images are normalised to [0, 1] per image (:func:`xjax.intensity.unit_range`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from flax import nnx
 
 from xjax.grid import Grid
 from xjax.nn import checkpoint
-from xjax.nn.bingo import BInGo, BingoConfig, create, forward, loss_terms
-from xjax.nn.bingo_losses import ElboWeights
+from xjax.nn.bingo.losses import ElboWeights
+from xjax.nn.bingo.model import BInGo, BingoConfig, create, forward, loss_terms
+from xjax.nn.training import FAST_COMPILE, due
 
 __all__ = [
     "GroupData",
@@ -42,7 +43,6 @@ __all__ = [
     "TrainState",
     "init_state",
     "load_model",
-    "normalise",
     "sample_batch",
     "save_model",
     "train",
@@ -62,7 +62,7 @@ class TrainConfig:
       batch_size: groups per step.
       scheme: ``"complete"`` (whole groups) or ``"partial"`` (pairs of modalities).
       seed: seed of every random draw (initialisation, data, noise).
-      weights: the ELBO's weights (:class:`~xjax.nn.bingo_losses.ElboWeights`).
+      weights: the ELBO's weights (:class:`~xjax.nn.bingo.losses.ElboWeights`).
       log_every: steps between log lines (and host syncs).
       checkpoint_every: steps between checkpoints (0: only at the end).
     """
@@ -101,7 +101,8 @@ class GroupData(NamedTuple):
     """Training groups on one grid.
 
     Attributes:
-      images: ``(S, K, *spatial)`` float32, normalised intensities (:func:`normalise`).
+      images: ``(S, K, *spatial)`` float32, intensities normalised to [0, 1]
+        (:func:`xjax.intensity.unit_range`).
       present: ``(S, K)`` bool, which modality slots hold an image.
     """
 
@@ -115,23 +116,6 @@ class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array
-
-
-def normalise(images, low: float = 0.5, high: float = 99.5):
-    """Per-image intensities to [0, 1] by their ``low`` and ``high`` percentiles, clipped.
-
-    Args:
-      images: ``(..., *spatial)`` array; the last ``spatial`` axes are the image, given by
-        ``images.ndim - 1`` for one group ``(N, *spatial)``.
-
-    Returns:
-      float32 numpy array of the same shape.
-    """
-    x = np.asarray(images, np.float64)
-    flat = x.reshape(x.shape[0], -1)
-    lo = np.percentile(flat, low, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
-    hi = np.percentile(flat, high, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
-    return np.clip((x - lo) / np.maximum(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
 
 def _check_data(data: GroupData, config: TrainConfig, num_modalities: int) -> None:
@@ -191,7 +175,7 @@ def _step(graphdef, state: TrainState, images, modalities, grid: Grid, *,
 
     Returns:
       ``(state, metrics)``: the next state and a dict of scalars (``loss`` and the terms of
-      :func:`~xjax.nn.bingo.loss_terms`, means over the batch).
+      :func:`~xjax.nn.bingo.model.loss_terms`, means over the batch).
     """
     optimizer = _optimizer(learning_rate)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -213,10 +197,6 @@ def _step(graphdef, state: TrainState, images, modalities, grid: Grid, *,
 
 
 _STATIC = ("graphdef", "grid", "weights", "learning_rate", "seed")
-#: XLA options of ``fast_compile``: no LLVM optimisation of the fused elementwise code (the
-#: convolutions are library calls either way): on a CPU the step compiles several times faster
-#: and runs slower; for short runs and tests.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 train_step = jax.jit(_step, static_argnames=_STATIC)
 train_step.__doc__ = _step.__doc__
 _train_step_fast = jax.jit(_step, static_argnames=_STATIC, compiler_options=FAST_COMPILE)
@@ -251,8 +231,8 @@ def train(model: BInGo, data: GroupData, grid: Grid, config: TrainConfig, *,
       log_path: optional JSON-lines log, one line per ``log_every`` steps (appended).
       progress: optional ``progress(done, total, loss)`` callback (e.g.
         :class:`xjax.progress.ProgressBar`).
-      fast_compile: compile the step with :data:`FAST_COMPILE` (same results up to float
-        rounding, faster to compile, slower to run).
+      fast_compile: compile the step with :data:`xjax.nn.training.FAST_COMPILE` (same results up
+        to float rounding, faster to compile, slower to run).
 
     Returns:
       The list of logged metric dicts (``step``, ``loss``, terms, ``seconds``).
@@ -274,10 +254,10 @@ def train(model: BInGo, data: GroupData, grid: Grid, config: TrainConfig, *,
     for step in range(int(state.step), config.steps):
         images, modalities = sample_batch(data, config, step)
         state, metrics = step_fn(graphdef, state, images, modalities, grid,
-                                    weights=config.weights, learning_rate=config.learning_rate,
-                                    seed=config.seed)
+                                 weights=config.weights, learning_rate=config.learning_rate,
+                                 seed=config.seed)
         done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
+        if due(done, config.steps, config.log_every):
             entry = {"step": done, **{k: float(v) for k, v in metrics.items()},
                      "seconds": time.perf_counter() - start}
             history.append(entry)
@@ -286,8 +266,7 @@ def train(model: BInGo, data: GroupData, grid: Grid, config: TrainConfig, *,
                     f.write(json.dumps(entry) + "\n")
             if progress is not None:
                 progress(done, config.steps, entry["loss"])
-        if checkpoint_path is not None and (
-                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+        if checkpoint_path is not None and due(done, config.steps, config.checkpoint_every):
             checkpoint.save(checkpoint_path, state, config=ckpt_config)
     nnx.update(model, state.params)
     return history
