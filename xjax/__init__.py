@@ -1,28 +1,51 @@
 """xjax: multimodal groupwise image registration by the X-metric (X-CoReg), in JAX.
 
 The coordinate convention is written once, in :mod:`xjax.grid`.
+
+The public names below are imported on first use (PEP 562), so that ``import xjax`` alone, and
+with it the command line's ``--help`` and its input errors, costs no JAX import.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from xjax import evaluate
-from xjax import objectives
-from xjax import phantoms
-from xjax import presets
-from xjax import transforms
-from xjax.config import Config
-from xjax.config import Result
-from xjax.config import Stage
-from xjax.em import EMState
-from xjax.grid import Grid
-from xjax.grid import bounding_grid
-from xjax.metrics import mutual_information
-from xjax.metrics import x_metric
-from xjax.objectives import APE
-from xjax.objectives import CTE
-from xjax.objectives import GMM
-from xjax.objectives import Congealing
-from xjax.objectives import Objective
-from xjax.objectives import VarianceOfIntensities
-from xjax.objectives import XMetric
-from xjax.registration import register
+#: public name -> the module that defines it
+_NAMES = {
+    "Config": "xjax.config",
+    "Result": "xjax.config",
+    "Stage": "xjax.config",
+    "EMState": "xjax.em",
+    "Grid": "xjax.grid",
+    "bounding_grid": "xjax.grid",
+    "mutual_information": "xjax.metrics",
+    "x_metric": "xjax.metrics",
+    "APE": "xjax.objectives",
+    "CTE": "xjax.objectives",
+    "GMM": "xjax.objectives",
+    "Congealing": "xjax.objectives",
+    "Objective": "xjax.objectives",
+    "VarianceOfIntensities": "xjax.objectives",
+    "XMetric": "xjax.objectives",
+    "register": "xjax.registration",
+}
+_SUBMODULES = ("evaluate", "objectives", "phantoms", "presets", "transforms")
+
+__all__ = sorted(_NAMES) + list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"xjax.{name}")
+    else:
+        raise AttributeError(f"module 'xjax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
