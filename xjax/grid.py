@@ -23,7 +23,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Grid", "bounding_grid", "apply_affine", "apply_linear"]
+__all__ = ["Grid", "bounding_grid", "slice_frame", "apply_affine", "apply_linear"]
 
 
 def _as_tuple_matrix(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
@@ -53,13 +53,24 @@ class Grid:
 
     Hashable and static under ``jax.jit`` (it holds Python numbers only).
 
+    **2D slices of 3D space.** A 2D grid read from a NIfTI file (:meth:`from_slice`) keeps the
+    file's 4x4 affine as ``slab``: where the slice lies in the scanner's 3D space and how thick it
+    is. Its 2D ``affine`` then maps indices to coordinates in the slice's own plane, along two
+    orthonormal in-plane axes (:func:`slice_frame`: for an axial slice the world x and y, so the 2D
+    coordinates are the RAS x and y in mm; for an oblique slice the projections of the first two
+    world axes that lie well within the plane), so that in-plane distances, spacings and angles are
+    the true ones in mm. :meth:`to_nifti_affine` gives the slab back, so outputs overlay the
+    inputs in a viewer.
+
     Attributes:
       shape: number of voxels along each index axis, ``(X, Y)`` or ``(X, Y, Z)``.
       affine: ``(D+1, D+1)`` nested tuple, ``world_mm = affine @ [index, 1]``.
+      slab: ``None``, or for a 2D grid the 4x4 NIfTI affine of the slice it is (see above).
     """
 
     shape: tuple[int, ...]
     affine: tuple[tuple[float, ...], ...]
+    slab: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -75,6 +86,12 @@ class Grid:
         if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:d, :d])) < 1e-12:
             raise ValueError(f"Grid affine must be finite and invertible, got\n{a}")
         object.__setattr__(self, "affine", _as_tuple_matrix(a))
+        if self.slab is not None:
+            slab = np.asarray(self.slab, dtype=np.float64)
+            if d != 2 or slab.shape != (4, 4) or not np.all(np.isfinite(slab)):
+                raise ValueError(f"a slab is the finite 4x4 affine of a 2D grid, got {slab.shape} "
+                                 f"for a {d}D grid")
+            object.__setattr__(self, "slab", _as_tuple_matrix(slab))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -92,6 +109,13 @@ class Grid:
         return cls(shape, _as_tuple_matrix(a))
 
     # ---- geometry -------------------------------------------------------------------------
+    @classmethod
+    def from_slice(cls, shape: Sequence[int], nifti_affine: np.ndarray) -> "Grid":
+        """The 2D grid of a one-slice NIfTI image ``(X, Y, 1)`` with 4x4 affine ``nifti_affine``:
+        in-plane coordinates along :func:`slice_frame`, and the 4x4 kept as ``slab``."""
+        slab = np.asarray(nifti_affine, np.float64)
+        return cls(tuple(shape), _in_plane(slice_frame(slab), slab), slab=slab)
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -158,15 +182,31 @@ class Grid:
         scale = np.eye(d + 1)
         scale[:d, :d] *= factor
         scale[:d, d] = (factor - 1) / 2.0
-        return Grid(shape, _as_tuple_matrix(self.matrix @ scale))
+        return self.in_plane_of(Grid(shape, _as_tuple_matrix(self.matrix @ scale)))
 
     def with_shape(self, shape: Sequence[int]) -> "Grid":
-        return Grid(tuple(shape), self.affine)
+        return Grid(tuple(shape), self.affine, self.slab)
+
+    def in_plane_of(self, other: "Grid") -> "Grid":
+        """``other`` (a 2D grid in this grid's in-plane coordinates) placed in this grid's slice
+        of 3D space: its slab has this slab's plane, offset and thickness. ``other`` unchanged when
+        this grid has no slab."""
+        if self.slab is None or other.ndim != 2:
+            return other
+        frame, slab, a = slice_frame(np.asarray(self.slab)), np.asarray(self.slab), other.matrix
+        placed = slab.copy()
+        placed[:3, :2] = frame.T @ a[:2, :2]
+        normal = np.cross(frame[0], frame[1])
+        placed[:3, 3] = frame.T @ a[:2, 2] + normal * (normal @ slab[:3, 3])
+        return Grid(other.shape, other.affine, placed)
 
     def to_nifti_affine(self) -> np.ndarray:
-        """The 4x4 NIfTI affine (a 2D grid becomes a one-slice 3D grid at z = 0)."""
+        """The 4x4 NIfTI affine: a 2D grid's slab when it has one, else a one-slice 3D grid at
+        z = 0, 1 mm thick."""
         if self.ndim == 3:
             return self.matrix
+        if self.slab is not None:
+            return np.asarray(self.slab, np.float64)
         a = np.eye(4)
         a[:2, :2] = self.matrix[:2, :2]
         a[:2, 3] = self.matrix[:2, 2]
@@ -208,4 +248,36 @@ def bounding_grid(grids: Sequence[Grid], spacing: float | Sequence[float] | None
     a = np.eye(d + 1)
     a[:d, :d] = direction * sp
     a[:d, d] = direction @ (lo + 0.5 * sp)
-    return Grid(shape, _as_tuple_matrix(a))
+    return grids[0].in_plane_of(Grid(shape, _as_tuple_matrix(a)))
+
+
+def slice_frame(nifti_affine: np.ndarray) -> np.ndarray:
+    """The in-plane axes of a slice with 4x4 affine ``nifti_affine``: ``(2, 3)``, orthonormal rows
+    in world (RAS) mm. They are the world axes x, y, z, in that order, projected onto the slice's
+    plane (spanned by the affine's first two columns), orthogonalised, and kept when at least half
+    of their length lies in the plane: x and y for an axial slice, x and z for a coronal one, y and
+    z for a sagittal one; the nearest such axes for an oblique slice."""
+    a = np.asarray(nifti_affine, np.float64)
+    normal = np.cross(a[:3, 0], a[:3, 1])
+    size = np.linalg.norm(normal)
+    if not size > 0:
+        raise ValueError(f"the slice's in-plane axes are parallel:\n{a}")
+    normal = normal / size
+    frame = []
+    for axis in np.eye(3):
+        p = axis - (axis @ normal) * normal
+        for f in frame:
+            p = p - (p @ f) * f
+        if np.linalg.norm(p) > 0.5:
+            frame.append(p / np.linalg.norm(p))
+        if len(frame) == 2:
+            break
+    return np.stack(frame)
+
+
+def _in_plane(frame: np.ndarray, nifti_affine: np.ndarray) -> np.ndarray:
+    """The 3x3 affine of a slice in its own plane coordinates ``frame @ world``."""
+    a = np.eye(3)
+    a[:2, :2] = frame @ nifti_affine[:3, :2]
+    a[:2, 2] = frame @ nifti_affine[:3, 3]
+    return a

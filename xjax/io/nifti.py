@@ -2,8 +2,9 @@
 
 Arrays come back indexed ``(x, y[, z])`` exactly as ``nibabel``'s ``get_fdata()`` returns them, with
 a :class:`~xjax.grid.Grid` that holds the index -> world (mm) affine. A NIfTI file whose third axis
-has one voxel, ``(X, Y)`` or ``(X, Y, 1)``, is a 2D image on a 2D grid (the in-plane 3x3 part of the
-4x4 affine); :meth:`Grid.to_nifti_affine` converts back.
+has one voxel, ``(X, Y)`` or ``(X, Y, 1)``, is a 2D image on a 2D grid in the slice's own plane,
+which keeps the file's 4x4 affine (:meth:`Grid.from_slice`: true in-plane spacing for oblique
+slices); :meth:`Grid.to_nifti_affine` gives it back, so outputs overlay the inputs.
 
 Vector fields ``(*spatial, D)`` (displacements ``u_j(x)`` in world mm, NIfTI RAS+ frame, pull
 convention of :mod:`xjax.grid`) are stored as NIfTI vector images of shape ``(X, Y, Z, 1, D)`` with
@@ -64,14 +65,12 @@ def _spatial(data: np.ndarray, affine: np.ndarray, path: str) -> tuple[np.ndarra
 
 
 def _grid(shape: Sequence[int], affine: np.ndarray, path: str) -> Grid:
-    if len(shape) == 2:
-        a = np.eye(3)
-        a[:2, :2] = affine[:2, :2]
-        a[:2, 2] = affine[:2, 3]
-    else:
-        a = affine
+    """The file's grid; a one-slice image is a 2D grid in its slice's plane
+    (:meth:`Grid.from_slice`), keeping the 4x4 affine for its outputs."""
     try:
-        return Grid(tuple(shape), a)
+        if len(shape) == 2:
+            return Grid.from_slice(shape, affine)
+        return Grid(tuple(shape), affine)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
