@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--sample-rate", type=float, default=0.5)
     parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--bending", type=float, default=1e-3, help="lambda, mm^-2 units")
+    parser.add_argument("--bending", type=float, default=1e-3, help="lambda, dimensionless (the bending in units of the FFD mesh spacing)")
     parser.add_argument("--data", type=Path, default=common.DATA)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--quick", action="store_true",
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         f"priors, {args.cases} random misalignments per magnitude (two-level FFD, meshes "
         f"{spacing[0]:g}/{spacing[1]:g} mm), z-scored; unbiased two-level FFD registration, {args.levels} "
         f"pyramid levels x {args.iterations} Adam steps per mesh, lr {args.learning_rate}, L = {args.bins}, "
-        f"sample rate {args.sample_rate}, lambda = {args.bending} (mm^-2 units), K = 4. The paper uses "
+        f"sample rate {args.sample_rate}, lambda = {args.bending} (dimensionless bending, xjax.transforms.BSplineFFD), K = 4. The paper uses "
         "the BrainWeb phantom's T1/T2/PD (3% noise, 20% bias) and at least 20 cases per setting; here the "
         "spm12 templates (averages of 152 brains: smooth, noise free) stand in for it. Congealing: not "
         "applicable at N = 3 (no usable per-voxel density from 3 values), as in the paper.")

@@ -90,8 +90,10 @@ def test_reference_mode_keeps_the_reference_fixed(phantom):
 @pytest.fixture(scope="module")
 def ffd_case(phantom):
     mis = phantoms.misaligned_group(jax.random.key(4), phantom, kind="ffd", spacing=24.0, magnitude=6.0)
+    # Coefficients up to a quarter of the mesh spacing: the default bending weight (1.0, chosen to
+    # keep aligned images still) holds back part of so large a deformation; 0.1 lets it through.
     config = xjax.presets.ffd(spacing=(24.0,), iterations=80, levels=2, learning_rate=0.5, bins=32,
-                              sample_rate=0.25)
+                              sample_rate=0.25, bending=0.1)
     return mis, config
 
 
@@ -179,6 +181,51 @@ def test_any_optax_transform_and_status_reports_failure(phantom):
     assert int(res.status) == 2 and "overlap" in xjax.config.STATUS[2]
 
 
+def _numpy_quality(u, region):
+    """float64 numpy reference of ``Result.quality`` for displacements ``(N, X, Y, 2)`` in mm on a
+    1 mm grid: Jacobian by ``np.gradient`` (central inside, one-sided at the border)."""
+    out = {"jacobian_min": [], "folded_fraction": [], "movement_mean": [], "movement_p99": []}
+    for field in np.asarray(u, np.float64):
+        grads = np.gradient(field, axis=(0, 1))  # d u / d x_a, each (X, Y, 2)
+        jac = np.eye(2) + np.stack(grads, axis=-1)  # [..., c, a] = delta + d u_c / d x_a
+        det = np.linalg.det(jac)[region]
+        length = np.linalg.norm(field, axis=-1)[region]
+        out["jacobian_min"].append(det.min())
+        out["folded_fraction"].append(np.mean(det <= 0))
+        out["movement_mean"].append(length.mean())
+        out["movement_p99"].append(np.percentile(length, 99))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_folding_is_reported_in_status_and_quality():
+    """Steps of 8 mm on a 4 mm mesh with no bending fold the transforms: status 3, and the quality
+    fields equal a numpy reference (over a mask: the voxels it selects)."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 24, 20)), jnp.float32)
+    grid = xjax.Grid.regular((24, 20))
+    mask = np.zeros((24, 20))
+    mask[3:20, 2:17] = 1.0
+    stage = xjax.Stage(BSplineFFD(spacing=4.0), iterations=15, learning_rate=8.0, bins=16,
+                       sample_rate=1.0)
+    res = xjax.register(images, grid, xjax.Config((stage,)), key=jax.random.key(0), mask=mask)
+    want = _numpy_quality(res.displacements, mask > 0)
+    chex.assert_shape(list(res.quality), (2,))
+    for name, value in want.items():
+        np.testing.assert_allclose(getattr(res.quality, name), value, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.all(want["folded_fraction"] > 0) and int(res.status) == 3
+    assert "folded" in xjax.config.STATUS[3]
+
+
+def test_an_unfolded_registration_has_status_0_and_its_quality(phantom):
+    res = xjax.register(phantom.images, phantom.grid, translation_config(iterations=5, levels=1),
+                        key=jax.random.key(3))
+    assert int(res.status) == 0
+    np.testing.assert_allclose(res.quality.jacobian_min, 1.0, atol=1e-5)  # translations
+    np.testing.assert_allclose(res.quality.folded_fraction, 0.0)
+    length = np.linalg.norm(np.asarray(res.displacements), axis=-1).reshape(3, -1)
+    np.testing.assert_allclose(res.quality.movement_mean, length.mean(1), rtol=1e-5)
+
+
 def test_pyramid_averages_blocks():
     image = jnp.arange(35.0).reshape(5, 7)
     grid = xjax.Grid.regular((5, 7))
@@ -193,7 +240,7 @@ def test_pyramid_averages_blocks():
 
 
 @pytest.mark.parametrize("case", ["one image", "nan", "constant", "4d", "empty mask", "labels", "classes",
-                                  "bins", "grid", "reference"])
+                                  "bins", "grid", "reference", "thin"])
 def test_bad_input_is_named(phantom, case):
     images = np.asarray(phantom.images)
     kwargs = {}
@@ -225,6 +272,9 @@ def test_bad_input_is_named(phantom, case):
         return
     elif case == "grid":
         grid, match = xjax.Grid.regular((SIZE, SIZE + 1)), "grid"
+    elif case == "thin":  # a 3D slab one voxel thick along y
+        images = np.random.default_rng(0).normal(size=(2, 8, 1, 8))
+        grid, match = xjax.Grid.regular((8, 1, 8)), r"too thin along axis \[1\]"
     else:
         config, match = dataclasses.replace(config, mode="reference", reference=5), "reference"
     with pytest.raises(ValueError, match=match):
@@ -264,3 +314,29 @@ def test_step_problem_is_the_first_step_of_register(phantom):
     moved = jax.tree.map(lambda p, i: p - i, res.params[0], problem.params)
     chex.assert_trees_all_close(moved, jax.tree.map(jnp.negative, grads), rtol=1e-5, atol=1e-7)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_intensity_ranges_are_the_percentiles():
+    flat = np.random.default_rng(0).standard_cauchy(size=(3, 500))
+    lo, hi = register_module.intensity_ranges(jnp.asarray(flat, jnp.float32), (0.5, 99.5))
+    np.testing.assert_allclose(lo, np.percentile(flat, 0.5, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(hi, np.percentile(flat, 99.5, axis=1), rtol=1e-5)
+    lo, hi = register_module.intensity_ranges(jnp.asarray(flat, jnp.float32), (0.0, 100.0))
+    np.testing.assert_array_equal(lo, np.float32(flat).min(axis=1))
+    np.testing.assert_array_equal(hi, np.float32(flat).max(axis=1))
+    with pytest.raises(ValueError, match="percentiles"):
+        xjax.Config((xjax.Stage(Translation()),), intensity_range=(50.0, 40.0))
+
+
+def test_a_hot_voxel_does_not_move_an_aligned_pair(phantom):
+    """Two aligned modalities, one voxel of one of them at 1e6: with the robust Parzen range
+    (percentiles 0.5 / 99.5, the default) the pair stays where it is; with the image's min / max as
+    the range (the paper's), every other intensity falls into the lowest bins and the pair drifts."""
+    images = np.asarray(phantom.images[:2]).copy()
+    images[1, 20, 30] = 1e6
+    config = translation_config(iterations=40, levels=1)
+    robust = xjax.register(images, phantom.grid, config, key=jax.random.key(4))
+    paper = xjax.register(images, phantom.grid, dataclasses.replace(config, intensity_range=(0.0, 100.0)),
+                          key=jax.random.key(4))
+    assert float(robust.quality.movement_mean.max()) < 0.25, robust.quality
+    assert float(paper.quality.movement_mean.max()) > 4 * float(robust.quality.movement_mean.max()), paper.quality

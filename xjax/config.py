@@ -19,13 +19,15 @@ from xjax.metrics import FORMS
 from xjax.objectives import INITS, Objective, XMetric
 from xjax.transforms import Transform
 
-__all__ = ["Stage", "Config", "Result", "STATUS", "Mode"]
+__all__ = ["Stage", "Config", "Result", "Quality", "STATUS", "Mode"]
 
 #: How the group's transforms are anchored (see :attr:`Config.mode`).
 Mode = Literal["unbiased", "reference"]
 #: ``Result.status`` codes.
 STATUS = {0: "converged", 1: "non-finite loss or parameters",
-          2: "the overlap region (Eq. 14) ran empty: an image left the others' field of view"}
+          2: "the overlap region (Eq. 14) ran empty: an image left the others' field of view",
+          3: "folded: the transform of some image is not invertible (Jacobian determinant <= 0 "
+             "somewhere in the common space)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,11 @@ class Config:
         the X-metric ``XMetric(num_classes, form, init_posterior)``. Any other objective (e.g. a
         baseline of :mod:`xjax.objectives`) drives the same optimisation; the result then has no
         posterior.
+      intensity_range: the percentiles ``(low, high)`` of each image's intensities (over its whole
+        grid, at each pyramid level) that span its Parzen window; intensities beyond them are
+        clipped to them. The default (0.5, 99.5) keeps a few extreme voxels (a hot pixel, an
+        artefact) from squeezing every other intensity into a few bins; ``(0, 100)`` is the
+        image's min / max, as in the paper and the authors' code.
     """
 
     stages: tuple[Stage, ...]
@@ -109,6 +116,7 @@ class Config:
     form: Literal["mi", "reference"] = "mi"
     init_posterior: Literal["kmeans", "random"] = "kmeans"
     objective: Objective | None = None
+    intensity_range: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -121,6 +129,11 @@ class Config:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.init_posterior not in INITS:
             raise ValueError(f"init_posterior must be one of {INITS}, got {self.init_posterior!r}")
+        low, high = (float(q) for q in self.intensity_range)
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"intensity_range must be percentiles 0 <= low < high <= 100, got "
+                             f"{self.intensity_range!r}")
+        object.__setattr__(self, "intensity_range", (low, high))
         if self.objective is not None and not isinstance(self.objective, Objective):
             raise ValueError(f"Config.objective must be an xjax Objective, got {self.objective!r}")
 
@@ -143,6 +156,26 @@ class Config:
         return d
 
 
+class Quality(NamedTuple):
+    """How each image's final transform behaves, so that a bad registration says so. Every field
+    is ``(N,)``, one value per image, taken over the voxels of the common grid where the mask is
+    positive (every voxel without a mask).
+
+    Attributes:
+      jacobian_min: the least determinant of the Jacobian of ``x -> x + u_j(x)``
+        (:func:`xjax.regularizers.jacobian_determinant`); ``<= 0`` where the transform folds.
+      folded_fraction: the fraction of voxels where that determinant is ``<= 0``.
+      movement_mean: the mean length of ``u_j`` in mm: how far image ``j`` was moved (in unbiased
+        mode, relative to the group's average space).
+      movement_p99: the 99th percentile of that length in mm.
+    """
+
+    jacobian_min: jax.Array
+    folded_fraction: jax.Array
+    movement_mean: jax.Array
+    movement_p99: jax.Array
+
+
 class Result(NamedTuple):
     """What :func:`xjax.register` returns (every field an array or pytree of arrays, so it vmaps).
 
@@ -155,9 +188,12 @@ class Result(NamedTuple):
         only; ``None`` for other objectives).
       pi: ``(K,)`` class proportions (X-metric only; ``None`` for other objectives).
       loss_history: ``(T,)`` loss (``-X + lambda R``) of every step, stages and levels in order.
-      status: int scalar (see :data:`STATUS`): 0 when every loss and parameter is finite; 2 when
-        some step's sample held no voxel inside every warped image (the group had drifted apart);
-        1 for other non-finite losses or parameters.
+      status: int scalar (see :data:`STATUS`): 0 when every loss and parameter is finite and no
+        transform folds; 1 for non-finite losses or parameters; 2 when some step's sample held no
+        voxel inside every warped image (the group had drifted apart); 3 when the final transform
+        of some image folds (see ``quality``).
+      quality: :class:`Quality`, per image: Jacobian determinant minimum, folded fraction and
+        movement.
     """
 
     params: tuple
@@ -167,3 +203,4 @@ class Result(NamedTuple):
     pi: jax.Array
     loss_history: jax.Array
     status: jax.Array
+    quality: Quality

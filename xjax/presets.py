@@ -60,23 +60,27 @@ def _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sampl
             for s in spacings]
 
 
-def ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 50, levels: int = 1,
-        learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+def ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
+        learning_rate: float = 0.3, bending: float = 1.0, bins: int = 64, sample_rate: float = 0.1,
         num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Cubic B-spline FFD with control spacing ``spacing`` mm. A tuple of spacings (coarse first)
-    gives the multi-level FFD: one stage per mesh, composed, each optimised in turn. Bending energy
-    weight ``bending`` (paper: 0.001).
+    gives the multi-level FFD: one stage per mesh, composed, each optimised in turn.
 
-    By default one full-resolution level of 50 steps: a mesh of 24 mm is itself coarse, and every
-    pyramid level is one more program to compile (about 2 s on a CPU, more than the steps of a
-    256 x 256 group). Ask for ``levels=2`` or more when the misalignment is large compared with the
-    control spacing."""
+    ``bending`` weighs the bending energy of the control mesh in units of the mesh spacing
+    (dimensionless; see :class:`xjax.transforms.BSplineFFD`), summed over the group (Eq. 15).
+    The default 1.0 was chosen on real data: on the aligned spm12 T1 / T2 / PD volumes it keeps
+    every image within 1.7 mm on average (99th percentile 4 mm) where 0.001 moved them 3-6 mm and
+    folded the T1 head, and on an spm12 slice under random FFDs it left less of the error (37%
+    instead of 43%). The paper's lambda = 0.001 belongs to other units and is no guide here.
+
+    Two pyramid levels of 100 steps each: on that slice, one level of 50 steps left 58% of the
+    error."""
     stages = _ffd_stages(spacing, iterations, levels, learning_rate, bending, bins, sample_rate)
     return _model(stages, num_classes=num_classes, mode=mode, reference=reference)
 
 
 def rigid_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
-              learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+              learning_rate: float = 0.3, bending: float = 1.0, bins: int = 64, sample_rate: float = 0.1,
               num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Rigid (translation then rigid), then FFD (see :func:`ffd`)."""
     stages = (_linear_stages(Rigid(), iterations, levels, bins, sample_rate)
@@ -85,7 +89,7 @@ def rigid_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 10
 
 
 def affine_ffd(*, spacing: float | tuple[float, ...] = 24.0, iterations: int = 100, levels: int = 2,
-               learning_rate: float = 0.3, bending: float = 1e-3, bins: int = 64, sample_rate: float = 0.1,
+               learning_rate: float = 0.3, bending: float = 1.0, bins: int = 64, sample_rate: float = 0.1,
                num_classes: int = 4, mode: str = "unbiased", reference: int = 0) -> Config:
     """Affine (translation then affine), then FFD (see :func:`ffd`)."""
     stages = (_linear_stages(Affine(), iterations, levels, bins, sample_rate)

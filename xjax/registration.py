@@ -30,16 +30,17 @@ import optax
 from xjax import presets
 from xjax import random as xrandom
 from xjax import validate
-from xjax.config import Config, Mode, Result, Stage
+from xjax.config import Config, Mode, Quality, Result, Stage
 from xjax.em import appearance_from_labels
 from xjax.grid import Grid, apply_linear
 from xjax.interpolate import sample
 from xjax.objectives import Objective, XMetric
+from xjax.regularizers import jacobian_determinant
 from xjax.transforms import Transform, chain_displacement
 from xjax.transforms.base import grid_points
 from xjax.warp import warp_group
 
-__all__ = ["register", "pyramid", "StepProblem", "step_problem"]
+__all__ = ["register", "pyramid", "intensity_ranges", "StepProblem", "step_problem"]
 
 # ---- pyramid -------------------------------------------------------------------------------------
 
@@ -244,12 +245,30 @@ def step_problem(images, grid: Grid, config: Config, *, key, mask=None) -> StepP
     flat = images.reshape(n, -1)
     mask = jnp.ones(grid.size, images.dtype) if mask is None else jnp.asarray(mask, images.dtype).reshape(-1)
     x = grid_points(grid, images.dtype).reshape(grid.size, grid.ndim)
-    loss = functools.partial(_step_loss, level, images, mask, (flat.min(axis=1), flat.max(axis=1)), x, ())
+    ranges = intensity_ranges(flat, config.intensity_range)
+    images, flat = _clip(images, ranges), _clip(flat, ranges)
+    loss = functools.partial(_step_loss, level, images, mask, ranges, x, ())
     return StepProblem(loss, _stack(stage.transform.identity(), n), config.metric.init(key, flat, mask),
                        _draw(level, images.dtype, xrandom.fold(_level_seed(xrandom.seed(key), 0), 0)))
 
 
 # ---- the entry point -----------------------------------------------------------------------------
+
+def intensity_ranges(flat, percentiles: tuple[float, float]):
+    """Each image's Parzen range ``(lo, hi)``, each ``(N,)``, from ``flat`` ``(N, V)``: the
+    ``percentiles`` of its intensities (:attr:`xjax.Config.intensity_range`); ``(0, 100)`` is the
+    exact min / max."""
+    if tuple(percentiles) == (0.0, 100.0):
+        return flat.min(axis=1), flat.max(axis=1)
+    lo, hi = jnp.percentile(flat, jnp.asarray(percentiles, flat.dtype), axis=1)
+    return lo, hi
+
+
+def _clip(images, ranges):
+    """``(N, ...)`` images clipped to their ranges ``(lo, hi)``, each ``(N,)``."""
+    lo, hi = (r.reshape((-1,) + (1,) * (images.ndim - 1)) for r in ranges)
+    return jnp.clip(images, lo, hi)
+
 
 def _stack(tree, n):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
@@ -283,6 +302,11 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
     grid = Grid.regular(spatial) if grid is None else grid
     if grid.shape != spatial:
         raise ValueError(f"grid shape {grid.shape} does not match images of shape {images.shape}")
+    thin = [a for a, size in enumerate(spatial) if size < 4]
+    if thin:
+        raise ValueError(f"images of shape {tuple(spatial)} are too thin along axis {thin}: registration "
+                         "needs at least 4 voxels along every axis (a 2D image is (X, Y), or (X, Y, 1) "
+                         "in a NIfTI file)")
     config = presets.rigid_ffd() if config is None else config
     if config.mode == "reference" and not 0 <= config.reference < n:
         raise ValueError(f"reference image {config.reference} out of range for a group of {n}")
@@ -326,7 +350,8 @@ def _register(config: Config, grid: Grid, progress, images, mask, labels, key) -
             level_images = jnp.moveaxis(level_images, -1, 0)
             flat = level_images.reshape(n, -1)
             level_mask = mask_pyramid[level_index][0].reshape(-1)
-            ranges = (flat.min(axis=1), flat.max(axis=1))
+            ranges = intensity_ranges(flat, config.intensity_range)
+            level_images, flat = _clip(level_images, ranges), _clip(flat, ranges)
             if state is None:
                 state = objective.init(key, flat, level_mask)
             else:
@@ -369,17 +394,20 @@ def _finish(config, grid, images, mask, labels, specs, params, state, state_grid
     objective = config.metric
     if isinstance(objective, XMetric):
         weights = mask * jnp.prod(inside, axis=0)
-        flat = images.reshape(n, -1)
-        ranges = (flat.min(axis=1), flat.max(axis=1))
+        ranges = intensity_ranges(images.reshape(n, -1), config.intensity_range)
+        flat = _clip(images.reshape(n, -1), ranges)
         bins = config.stages[-1].bins
         state = objective.to_grid(state, state_grid, grid)
         if labels is not None:
             state = state._replace(tables=_label_tables(labels, grid, grid, flat, mask, ranges,
                                                         objective.num_classes, bins))
-        em = objective.update(state, warped, weights, *ranges, bins, None).em
+        em = objective.update(state, _clip(warped, ranges), weights, *ranges, bins, None).em
         posterior, pi = em.posterior.reshape(grid.shape + (objective.num_classes,)), em.pi
     finite = jnp.all(jnp.isfinite(history)) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
+    quality = _quality(disp, grid, mask)
+    folded = jnp.any(quality.folded_fraction > 0)
+    status = jnp.where(overlap_lost, 2, jnp.where(finite, jnp.where(folded, 3, 0), 1))
     return Result(
         params=tuple(params),
         displacements=disp,
@@ -387,5 +415,22 @@ def _finish(config, grid, images, mask, labels, specs, params, state, state_grid
         posterior=posterior,
         pi=pi,
         loss_history=history,
-        status=jnp.where(overlap_lost, 2, jnp.where(finite, 0, 1)).astype(jnp.int32),
+        status=status.astype(jnp.int32),
+        quality=quality,
+    )
+
+
+def _quality(disp, grid: Grid, mask) -> Quality:
+    """:class:`Quality` of the group's displacements ``(N, *grid.shape, D)`` over the voxels where
+    the flat ``mask`` ``(V,)`` is positive."""
+    n, d = disp.shape[0], grid.ndim
+    det = jax.vmap(jacobian_determinant, in_axes=(0, None))(disp, grid).reshape(n, -1)
+    length = jnp.sqrt(jnp.sum(jnp.square(disp.reshape(n, -1, d)), axis=-1))
+    region = mask > 0
+    count = jnp.maximum(jnp.sum(region), 1).astype(disp.dtype)
+    return Quality(
+        jacobian_min=jnp.min(jnp.where(region, det, jnp.inf), axis=1),
+        folded_fraction=jnp.sum(region & (det <= 0), axis=1) / count,
+        movement_mean=jnp.sum(jnp.where(region, length, 0.0), axis=1) / count,
+        movement_p99=jnp.nanpercentile(jnp.where(region, length, jnp.nan), 99.0, axis=1),
     )
