@@ -28,7 +28,10 @@ from xjax.transforms.linear import rotation_matrix
 from xjax.warp import warp_points
 
 __all__ = ["TISSUE_TABLE", "MisalignedGroup", "Phantom", "make_phantom", "misaligned_group",
-           "random_ffd", "random_rigid", "render", "warp"]
+           "random_ffd", "random_rigid", "render", "warp",
+           "MR_TISSUES", "MR_PROTOCOLS", "FREESURFER_TISSUE", "MRProtocol", "spin_echo",
+           "spoiled_gradient_echo", "protocol_signals", "tissue_images", "inu_field",
+           "rician_noise", "simulate_mr"]
 
 _MAX_CLASSES = 12
 
@@ -397,3 +400,202 @@ def misaligned_group(key, phantom: Phantom, kind: str = "ffd", **kwargs) -> Misa
     labels = warp(jnp.broadcast_to(phantom.labels, phantom.images.shape), phantom.grid,
                   displacements, order=0)
     return MisalignedGroup(images, labels, displacements)
+
+
+# ---- exact-truth multimodal MR simulator (BrainWeb's method, rebuilt) --------------------------
+#
+# Tissue parameters at 1.5 T used by the BrainWeb simulator (Kwan, Evans & Pike 1999, IEEE TMI
+# 18(11); Cocosco et al. 1997, NeuroImage 5(4) S425), one row per tissue class:
+#
+#   class  tissue        T1 (ms)  T2 (ms)  T2* (ms)  PD (relative)
+#   0      background        -        -        -      0   (zero signal)
+#   1      CSF            2569      329       58      1.00
+#   2      grey matter     833       83       69      0.86
+#   3      white matter    500       70       61      0.77
+#   4      fat             350       70       58      1.00
+#   5      muscle/skin     900       47       30      1.00
+#
+# Columns of MR_TISSUES: T1, T2, T2* (ms), PD. The background row's relaxation times are 1 ms
+# placeholders; its PD of 0 makes every signal 0.
+MR_TISSUES = np.array([[1.0, 1.0, 1.0, 0.0],
+                       [2569.0, 329.0, 58.0, 1.00],
+                       [833.0, 83.0, 69.0, 0.86],
+                       [500.0, 70.0, 61.0, 0.77],
+                       [350.0, 70.0, 58.0, 1.00],
+                       [900.0, 47.0, 30.0, 1.00]])
+MR_TISSUES.flags.writeable = False
+
+# FreeSurfer (aseg) label -> MR_TISSUES class, for the voxelmorph test data (shared/data/voxelmorph,
+# labels 0..255 of FreeSurferColorLUT): ventricles, CSF and choroid plexus -> CSF; cortex, deep grey
+# nuclei, hippocampus, amygdala, accumbens, ventral DC-adjacent grey, vessels -> grey matter;
+# cerebral/cerebellar white matter, brain stem, ventral DC, optic chiasm, WM hypointensities and
+# corpus callosum (251-255) -> white matter. Labels not listed map to background.
+FREESURFER_TISSUE = {
+    0: 0,
+    4: 1, 5: 1, 14: 1, 15: 1, 24: 1, 31: 1, 43: 1, 44: 1, 63: 1, 72: 1,
+    3: 2, 8: 2, 10: 2, 11: 2, 12: 2, 13: 2, 17: 2, 18: 2, 26: 2, 30: 2, 42: 2, 47: 2, 49: 2,
+    50: 2, 51: 2, 52: 2, 53: 2, 54: 2, 58: 2, 62: 2, 80: 2,
+    2: 3, 7: 3, 16: 3, 28: 3, 41: 3, 46: 3, 60: 3, 77: 3, 85: 3, 251: 3, 252: 3, 253: 3,
+    254: 3, 255: 3,
+}
+
+
+class MRProtocol(NamedTuple):
+    """An MR acquisition: ``sequence`` ``"SE"`` (spin echo) or ``"SPGR"`` (spoiled gradient
+    echo / FLASH), repetition time ``tr`` and echo time ``te`` in ms, flip angle ``flip_deg`` in
+    degrees (SPGR only)."""
+
+    sequence: str
+    tr: float
+    te: float
+    flip_deg: float = 90.0
+
+
+# BrainWeb-like protocols: T1w SPGR TR=18 ms, TE=10 ms, 30 deg; T2w SE TR=3300 ms, TE=120 ms;
+# PD SE TR=3300 ms, TE=35 ms.
+MR_PROTOCOLS = {
+    "T1": MRProtocol("SPGR", 18.0, 10.0, 30.0),
+    "T2": MRProtocol("SE", 3300.0, 120.0),
+    "PD": MRProtocol("SE", 3300.0, 35.0),
+}
+
+
+def spin_echo(pd, t1, t2, tr: float, te: float):
+    """Spin-echo signal ``S = PD (1 - exp(-TR/T1)) exp(-TE/T2)`` (the refocusing term
+    ``exp(-(TR - TE/2)/T1)`` correction is not included, as TE << TR). Times in ms; arrays
+    broadcast; numpy float64 out."""
+    pd, t1, t2 = (np.asarray(a, np.float64) for a in (pd, t1, t2))
+    return pd * (1 - np.exp(-tr / t1)) * np.exp(-te / t2)
+
+
+def spoiled_gradient_echo(pd, t1, t2s, tr: float, te: float, flip_deg: float):
+    """Spoiled gradient-echo (FLASH / SPGR) steady-state signal
+    ``S = PD sin(a) (1 - E1) / (1 - cos(a) E1) exp(-TE/T2*)``, ``E1 = exp(-TR/T1)``; times in ms,
+    flip angle ``a`` in degrees; arrays broadcast; numpy float64 out. T2* is taken from the table
+    (BrainWeb used T2* for its FLASH images)."""
+    pd, t1, t2s = (np.asarray(a, np.float64) for a in (pd, t1, t2s))
+    a = np.deg2rad(flip_deg)
+    e1 = np.exp(-tr / t1)
+    return pd * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-te / t2s)
+
+
+def _protocol(p) -> MRProtocol:
+    if isinstance(p, str):
+        if p not in MR_PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r}; known: {sorted(MR_PROTOCOLS)}")
+        return MR_PROTOCOLS[p]
+    if not isinstance(p, MRProtocol) or p.sequence not in ("SE", "SPGR"):
+        raise ValueError(f"protocol must be a name or an MRProtocol with sequence SE or SPGR, got {p!r}")
+    return p
+
+
+def protocol_signals(protocols=("T1", "T2", "PD"), tissues=MR_TISSUES):
+    """``(N, K)`` float64 noise-free signal of each tissue class (rows of ``tissues``, columns T1,
+    T2, T2* in ms and PD) under each protocol (names of :data:`MR_PROTOCOLS` or
+    :class:`MRProtocol`)."""
+    tissues = np.asarray(tissues, np.float64)
+    t1, t2, t2s, pd = tissues.T
+    rows = []
+    for p in map(_protocol, protocols):
+        if p.sequence == "SE":
+            rows.append(spin_echo(pd, t1, t2, p.tr, p.te))
+        else:
+            rows.append(spoiled_gradient_echo(pd, t1, t2s, p.tr, p.te, p.flip_deg))
+    return np.stack(rows)
+
+
+def tissue_images(anatomy, signals, mapping=None):
+    """Noise-free images ``(N, *shape)`` float64 of an anatomy from class signals ``(N, K)``.
+
+    ``anatomy`` is either an int label map ``(*shape)`` (``mapping``, a dict label -> class, maps
+    its labels to the classes, unlisted labels to background 0; without it labels are classes), or
+    fuzzy tissue probabilities ``(*shape, K - 1)`` float, channels-last over classes ``1 .. K-1``
+    (the rest, ``1 - sum``, is background): the image is the probability-weighted sum of the class
+    signals (partial volume, as BrainWeb's fuzzy models)."""
+    signals = np.asarray(signals, np.float64)
+    anatomy = np.asarray(anatomy)
+    if np.issubdtype(anatomy.dtype, np.integer):
+        if mapping is not None:
+            lut = np.zeros(max(int(anatomy.max()), max(mapping)) + 1, np.int64)
+            for label, cls in mapping.items():
+                lut[label] = cls
+            anatomy = lut[anatomy]
+        if anatomy.min() < 0 or anatomy.max() >= signals.shape[1]:
+            raise ValueError(f"classes must be in [0, {signals.shape[1]}), got "
+                             f"[{anatomy.min()}, {anatomy.max()}]")
+        return signals[:, anatomy]
+    k = anatomy.shape[-1]
+    if k + 1 > signals.shape[1]:
+        raise ValueError(f"{k} tissue maps need >= {k + 1} class signals, got {signals.shape}")
+    probs = anatomy.astype(np.float64)
+    background = 1 - probs.sum(-1, keepdims=True)
+    probs = np.concatenate([background, probs], axis=-1)
+    return np.moveaxis(probs @ signals[:, : k + 1].T, -1, 0)
+
+
+def inu_field(key, shape: Sequence[int], inu: float):
+    """A smooth multiplicative intensity non-uniformity ``1 + (inu / 200) * f`` on ``shape``
+    voxels, ``f`` a smooth random field (:func:`_smooth_field`) rescaled to span exactly [-1, 1]:
+    ``inu = 20`` (percent) gives a field spanning [0.9, 1.1]. float64 ``(*shape)``."""
+    if not 0 <= inu < 200:
+        raise ValueError(f"inu must be a percentage in [0, 200), got {inu}")
+    f = _smooth_field(_rng(key), _normalised_points(tuple(shape)), _BIAS_MAX_FREQ)
+    f = 2 * (f - f.min()) / max(f.max() - f.min(), 1e-12) - 1
+    return 1 + inu / 200 * f
+
+
+def rician_noise(key, image, sigma: float):
+    """Rician magnitude ``|(S + n1) + i n2|``, ``n1, n2 ~ N(0, sigma)`` i.i.d., of a real image
+    (any shape); float64 out."""
+    rng = _rng(key)
+    image = np.asarray(image, np.float64)
+    n1, n2 = rng.normal(0, sigma, size=(2,) + image.shape)
+    return np.hypot(image + n1, n2)
+
+
+def simulate_mr(key, anatomy, *, protocols=("T1", "T2", "PD"), tissues=MR_TISSUES, mapping=None,
+                noise: float = 3.0, inu: float = 20.0):
+    """A group of ``N`` multimodal MR images of one anatomy, BrainWeb's way (Kwan et al. 1999).
+
+    Each image is the partial-volume mixture of tissue signals (:func:`tissue_images`, signal
+    equations :func:`spin_echo` / :func:`spoiled_gradient_echo`), times its own INU field
+    (:func:`inu_field`, ``inu`` percent), plus Rician noise (:func:`rician_noise`) of
+    ``sigma = noise / 100 * max tissue signal`` of that protocol. All images share one anatomy, so
+    the group is aligned by construction; misalign it with :func:`misaligned_group`-style warps.
+
+    Loader-agnostic: callers load the anatomy (e.g. voxelmorph FreeSurfer labels with
+    ``mapping=FREESURFER_TISSUE``, or spm12 tissue priors as fuzzy maps) themselves.
+
+    Args:
+      key: PRNG key; the result is a deterministic function of it.
+      anatomy: int labels ``(*shape)`` or tissue probabilities ``(*shape, K - 1)`` (2D or 3D).
+      protocols: names in :data:`MR_PROTOCOLS` or :class:`MRProtocol` values.
+      tissues: ``(K, 4)`` table of T1, T2, T2* (ms) and PD, default :data:`MR_TISSUES`.
+      mapping: dict label -> class for label maps.
+      noise: Rician noise level in percent of the brightest tissue, ``>= 0``.
+      inu: non-uniformity in percent (field spanning ``1 +- inu / 200``).
+
+    Returns:
+      ``(images, labels)``: ``(N, *shape)`` float32 images and the ``(*shape)`` int32 class map
+      (the argmax class of fuzzy maps, background where it dominates).
+    """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0 percent, got {noise}")
+    protocols = tuple(protocols)
+    signals = protocol_signals(protocols, tissues)
+    clean = tissue_images(anatomy, signals, mapping)
+    shape = clean.shape[1:]
+    keys = jax.random.split(key, 2 * len(protocols))
+    images = []
+    for n in range(len(protocols)):
+        image = clean[n] * inu_field(keys[2 * n], shape, inu)
+        images.append(rician_noise(keys[2 * n + 1], image, noise / 100 * signals[n].max()))
+    anatomy = np.asarray(anatomy)
+    if np.issubdtype(anatomy.dtype, np.integer):
+        # The class map: class indices as a one-row "signal" table.
+        labels = tissue_images(anatomy, np.arange(signals.shape[1])[None], mapping)[0]
+    else:
+        probs = anatomy.astype(np.float64)
+        full = np.concatenate([1 - probs.sum(-1, keepdims=True), probs], axis=-1)
+        labels = full.argmax(-1)
+    return np.stack(images).astype(np.float32), np.asarray(labels, np.int32)
