@@ -417,3 +417,194 @@ def test_progress_bar_on_a_terminal_redraws_one_line():
         for i in range(1, 101):
             bar(i, 100, 0.0)
     assert throttled.getvalue().count("\r") == 2  # the first report and the last
+
+
+def test_a_folded_registration_says_so_and_names_the_file(tmp_path, capsys):
+    """Steps of 8 mm on a 4 mm mesh with no bending fold the transforms: exit status 1, a warning
+    that names each folding input, status 3 and the per-image quality in report.json."""
+    rng = np.random.default_rng(0)
+    grid = Grid.regular((24, 20))
+    paths = [save(tmp_path / f"noise_{j}.nii.gz", rng.normal(size=grid.shape), grid) for j in range(2)]
+    out = tmp_path / "out"
+    code = main(["register", *paths, "-o", str(out), "--preset", "ffd", "--spacing", "4", "--lr", "8",
+                 "--bending", "0", "--levels", "1", "--iterations", "15", "--bins", "16",
+                 "--sample-rate", "1", "--quiet"])
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert code == 1 and report["status"] == 3 and "folded" in err
+    assert [q["path"] for q in report["quality"]] == paths
+    for q in report["quality"]:
+        assert q["folded_fraction"] > 0 and q["jacobian_min"] <= 0 and q["movement_p99"] >= q["movement_mean"] > 0
+        assert f"{q['path']}: its transform folds on" in err
+
+
+def test_one_spacing_per_ffd_level(tmp_path):
+    """``--spacing 12 6`` gives a two-mesh FFD (one stage per mesh), as documented."""
+    rng = np.random.default_rng(1)
+    grid = Grid.regular((24, 20))
+    paths = [save(tmp_path / f"n{j}.nii.gz", rng.normal(size=grid.shape), grid) for j in range(2)]
+    out = tmp_path / "out"
+    assert main(["register", *paths, "-o", str(out), "--preset", "ffd", "--spacing", "12", "6",
+                 "--levels", "1", "--iterations", "2", "--bins", "16", "--quiet"]) == 0
+    stages = json.loads((out / "report.json").read_text())["settings"]["stages"]
+    assert [s["transform"] for s in stages] == ["BSplineFFD(spacing=12.0, mesh=None)",
+                                                "BSplineFFD(spacing=6.0, mesh=None)"]
+
+
+def listing(root):
+    """Every file and directory under ``root`` (hidden ones included) with its bytes, to compare
+    before and after a refused command."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            found[os.path.relpath(os.path.join(folder, d), root) + "/"] = None
+        for f in files:
+            path = os.path.join(folder, f)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(registered, tmp_path, capsys):
+    """``-o`` that is an input, holds one, or lies inside one (images, --mask, --groups, apply's
+    source and images) is refused with --force too, before anything runs: nothing is written or
+    removed."""
+    case = tmp_path / "case"
+    case.mkdir()
+    a, b = save(case / "a.nii.gz", registered["images"][0], REF), save(case / "b.nii.gz", registered["images"][1], REF)
+    mask = save(tmp_path / "mask.nii.gz", np.ones(SIZE), REF)
+    groups = tmp_path / "groups"
+    (groups / "g0").mkdir(parents=True)
+    save(groups / "g0" / "m0.nii.gz", registered["images"][0], REF)
+    save(groups / "g0" / "m1.nii.gz", registered["images"][1], REF)
+    before = listing(tmp_path)
+    fast = ["--preset", "translation", "--iterations", "2", "--levels", "1", "--quiet", "--force"]
+    for argv, output, which in [
+            (["register", a, b, "-o", str(case)], case, a),  # holds the inputs
+            (["register", a, b, "-o", a], a, a),  # is an input
+            (["register", a, b, "--mask", mask, "-o", mask], mask, mask),
+            (["register", "--groups", str(groups), "-o", str(groups)], groups, groups),
+            (["register", "--groups", str(groups), "-o", str(groups / "out")], groups / "out", groups),
+            (["register", a, b, "-o", str(case / "a.nii.gz" / "out")], case / "a.nii.gz" / "out", a)]:
+        assert main(argv + fast) == 2
+        err = capsys.readouterr().err
+        assert f"xjax: error: {output}" in err and f"the input {which}" in err, err
+        assert listing(tmp_path) == before
+    out = registered["out"]
+    outputs = listing(out)
+    for argv, output, which in [
+            (["apply", str(out), "--index", "0", a, "-o", a], a, a),
+            (["apply", str(out), "--index", "0", a, "-o", str(out)], out, out),
+            (["apply", str(out), "--index", "0", a, "-o", str(out / "x.nii.gz")], out / "x.nii.gz", out)]:
+        assert main(argv + ["--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"xjax: error: {output}" in err and f"the input {which}" in err, err
+        assert listing(tmp_path) == before and listing(out) == outputs
+
+
+def test_force_never_replaces_a_file_by_a_directory(registered, tmp_path, capsys):
+    """``--force`` replaces an existing output directory only: an existing regular file given as
+    OUTDIR is refused, untouched."""
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    before = listing(tmp_path)
+    assert main(["register", *registered["paths"], "-o", str(target), "--force", "--preset",
+                 "translation", "--iterations", "2", "--levels", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"xjax: error: {target} is a file, not a directory" in err, err
+    assert listing(tmp_path) == before
+
+
+def test_an_unwritable_output_location_is_refused_before_loading(registered, tmp_path, capsys,
+                                                                  monkeypatch):
+    """An output whose parent is a regular file (or, when not root, a read-only directory) is
+    refused before any input is loaded, for register and apply alike; nothing is written."""
+    import xjax.io
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("an input was loaded before the output location was checked")
+
+    monkeypatch.setattr(xjax.io, "load_image", no_loading)
+    monkeypatch.setattr(xjax.io, "load_displacement", no_loading)
+    blocker = tmp_path / "some_file.txt"
+    blocker.write_text("x")
+    cases = [(blocker / "out", f"{blocker} is not a directory")]
+    if os.geteuid() != 0:  # root writes into read-only directories
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "out", f"{locked} is not writable"))
+    before = listing(tmp_path)
+    for output, message in cases:
+        assert main(["register", *registered["paths"], "-o", str(output), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"xjax: error: cannot write {output}: {message}" in err, err
+        assert main(["apply", str(registered["out"]), "--index", "0", registered["paths"][0],
+                     "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"xjax: error: cannot write {output}: {message}" in err, err
+        assert listing(tmp_path) == before
+
+
+def test_apply_writes_all_outputs_or_none(registered, tmp_path, capsys, monkeypatch):
+    """When the second output of ``xjax apply`` fails to write (here: a simulated full disk), the
+    first is not left behind, and outputs replaced with --force keep their old contents."""
+    import xjax.io
+
+    real_save, calls = xjax.io.save_image, []
+
+    def save_then_fail(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(xjax.io, "save_image", save_then_fail)
+    paths, out = registered["paths"], str(registered["out"])
+    first, second = tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"
+    assert main(["apply", out, "--index", "0,1", *paths, "-o", str(first), str(second)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert listing(tmp_path) == {}
+    first.write_text("old first")
+    second.write_text("old second")
+    before, calls[:] = listing(tmp_path), []
+    assert main(["apply", out, "--index", "0,1", *paths, "-o", str(first), str(second), "--force"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_extreme_intensity_scales_register_and_beyond_float32_is_named(tmp_path, capsys):
+    """Images scaled by 1e20, 1e30 or 1e-30 register like the unscaled ones (the z-score is taken
+    without overflow or underflow); a float64 file beyond the float32 range is refused by name."""
+    ph = phantoms.make_phantom(jax.random.key(4), (24, 20), num_modalities=2)
+    grid = Grid.regular((24, 20))
+    displacements = {}
+    for scale in (1.0, 1e20, 1e30, 1e-30):
+        paths = [save(tmp_path / f"s{j}_{scale:g}.nii.gz", np.asarray(ph.images[j], np.float64) * scale, grid,
+                      dtype=np.float64) for j in range(2)]
+        out = tmp_path / f"out_{scale:g}"
+        assert main(["register", *paths, "-o", str(out), "--preset", "translation", "--iterations",
+                     "3", "--levels", "1", "--bins", "16", "--quiet"]) == 0, capsys.readouterr().err
+        displacements[scale] = nifti(out / f"displacement_1_s1_{scale:g}.nii.gz")[0]
+    for scale in (1e20, 1e30, 1e-30):
+        np.testing.assert_allclose(displacements[scale], displacements[1.0], atol=1e-3)
+    huge = save(tmp_path / "huge.nii.gz", np.asarray(ph.images[0], np.float64) * 1e39, grid, dtype=np.float64)
+    before = listing(tmp_path)
+    assert main(["register", huge, str(tmp_path / "s1_1.nii.gz"), "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    assert f"xjax: error: {huge}: values beyond the float32 range" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_a_slab_thinner_than_four_voxels_is_refused_naming_its_shape(tmp_path, capsys):
+    """Images of shape (X, Y, 2) exit with status 2 and name their shape; nothing is written."""
+    rng = np.random.default_rng(2)
+    affine = np.eye(4)
+    paths = []
+    for j in range(2):
+        paths.append(str(tmp_path / f"slab{j}.nii.gz"))
+        nib.save(nib.Nifti1Image(rng.normal(size=(16, 12, 2)).astype(np.float32), affine), paths[-1])
+    before = listing(tmp_path)
+    assert main(["register", *paths, "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "xjax: error: " in err and "(16, 12, 2)" in err and "too thin along axis" in err, err
+    assert "Traceback" not in err
+    assert listing(tmp_path) == before

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from xjax import cli, phantoms
+from xjax.nn import dcc
 from xjax.cli import dcc as dcc_command
 from xjax.grid import Grid
 from xjax.io import save_image
@@ -69,3 +70,52 @@ def test_bad_manifest_is_reported(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps({"groups": []}))
     assert cli.main(["dcc", "train", str(tmp_path / "m.json"), "-o", str(tmp_path / "w.npz"), "--quiet"]) == 2
     assert "non-empty" in capsys.readouterr().err
+
+
+def test_truncated_or_foreign_weights_are_named(manifest, tmp_path, capsys):
+    """A truncated ``.npz`` (dcc predict, bingo predict, a resumed training) and DCC weights given
+    to BInGo (and the converse) exit with status 2 naming the file and what is wrong; nothing is
+    written or removed."""
+    import os
+    from pathlib import Path
+
+    from xjax.nn import bingo
+    from xjax.nn.bingo import train as bingo_train
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    dcc_weights, bingo_weights = weights / "dcc.npz", weights / "bingo.npz"
+    dcc_model = dcc.create(dcc.DCCConfig(ndim=2, num_classes=3, num_modalities=3, width=2, levels=1,
+                                         flow_scales=1))
+    dcc_train.save_weights(dcc_weights, dcc_model, np.full((24, 24, 3), 1 / 3),
+                           {"strategy": "DGR", "modalities": ["A", "B", "C"], "labelled": [0, 0, 0],
+                            "loss": {"bins": 8, "num_classes": 3}})
+    bingo_train.save_model(bingo_weights, bingo.create(bingo.BingoConfig(features=(4,), latent=2,
+                                                                       decoder_features=(4,))),
+                           extra={"modalities": ["A", "B", "C"]})
+    truncated = weights / "truncated.npz"
+    truncated.write_bytes(dcc_weights.read_bytes()[:200])
+    images = [str(manifest / f"img_0_{j}.nii.gz") for j in range(3)]
+    out = tmp_path / "out"
+
+    def listing():
+        return {os.path.join(d, f): (Path(d) / f).read_bytes() for d, _, files in os.walk(tmp_path)
+                for f in files}
+
+    before = listing()
+    for argv, message in [
+            (["dcc", "predict", str(truncated), *images, "-o", str(out)],
+             f"{truncated}: not a readable xjax weights file"),
+            (["bingo", "predict", str(truncated), *images, "--modalities", "A", "B", "C", "-o", str(out)],
+             f"{truncated}: not a readable xjax weights file"),
+            (["dcc", "train", str(manifest / "manifest.json"), "-o", str(tmp_path / "w.npz"), "--classes",
+              "3", "--steps", "1", "--width", "2", "--levels", "1", "--checkpoint", str(truncated)],
+             f"{truncated}: not a readable xjax weights file"),
+            (["bingo", "predict", str(dcc_weights), *images, "--modalities", "A", "B", "C", "-o", str(out)],
+             f"{dcc_weights} holds DCC weights, not BInGo weights"),
+            (["dcc", "predict", str(bingo_weights), *images, "-o", str(out)],
+             f"{bingo_weights} holds BInGo weights, not DCC weights")]:
+        assert cli.main(argv + ["--quiet"] * (argv[:2] != ["bingo", "predict"])) == 2, argv
+        err = capsys.readouterr().err
+        assert f"xjax: error: {message}" in err and "Traceback" not in err, err
+        assert listing() == before

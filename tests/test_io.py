@@ -193,11 +193,11 @@ def test_atomic_output_dir_writes_all_or_nothing(tmp_path):
 
 
 def test_check_output_path(tmp_path):
-    check_output_path(tmp_path / "new.nii.gz", force=False)
+    check_output_path(tmp_path / "new.nii.gz", force=False, kind="file")
     (tmp_path / "old.nii.gz").write_text("x")
-    check_output_path(tmp_path / "old.nii.gz", force=True)
+    check_output_path(tmp_path / "old.nii.gz", force=True, kind="file")
     with pytest.raises(ValueError, match="old.nii.gz already exists"):
-        check_output_path(tmp_path / "old.nii.gz", force=False)
+        check_output_path(tmp_path / "old.nii.gz", force=False, kind="file")
 
 
 def shifted_grid(grid, offset):

@@ -9,7 +9,7 @@ import pytest
 from absl.testing import parameterized
 
 import xjax
-from xjax import metrics
+from xjax import metrics, validate
 from test_density import dense_kernel_np
 
 
@@ -135,3 +135,25 @@ def test_x_metric_rejects_bad_input():
         xjax.x_metric(images[:1], gamma)
     with pytest.raises(ValueError):
         xjax.x_metric(images, gamma, mask=np.zeros((8, 8)))
+
+
+def test_x_metric_refuses_a_nan_or_negative_posterior_and_complex_images():
+    """A posterior with NaN or negative values is refused on the host (not traced: under jit the
+    value checks are skipped); complex images are refused, traced or not, instead of being cast."""
+    rng = np.random.default_rng(6)
+    images = rng.normal(size=(2, 8, 8)).astype(np.float32)
+    gamma = np.full((8, 8, 4), 0.25, np.float32)
+    nan, negative = gamma.copy(), gamma.copy()
+    nan[1, 2, 0] = np.nan
+    negative[3, 4, 1] = -0.5
+    with pytest.raises(ValueError, match=r"posterior has 1 NaN/Inf values"):
+        xjax.x_metric(images, nan)
+    with pytest.raises(ValueError, match=r"posterior must be non-negative, got a minimum of -0\.5"):
+        xjax.x_metric(images, negative)
+    assert np.isnan(jax.jit(xjax.x_metric)(images, nan))  # traced: no value checks
+    complex_images = images + 1j * images
+    for run in (xjax.x_metric, jax.jit(xjax.x_metric)):
+        with pytest.raises(ValueError, match="images must be real numbers, got dtype complex64"):
+            run(complex_images, gamma)
+    with pytest.raises(ValueError, match="images must be real numbers, got dtype complex"):
+        jax.jit(lambda x: validate.check_images(x) or 0.0)(complex_images)

@@ -23,10 +23,17 @@ def zscore(images, mask=None):
       images: ``(N, *S)`` intensities.
       mask: optional ``(N, *S)`` or ``(*S)`` weights for the statistics (default: every voxel).
     Returns:
-      float32 jax array; a constant image (standard deviation below 1e-6) is divided by 1e-6.
+      float32 jax array; a constant image (standard deviation below 1e-6 of its largest
+      magnitude) is divided by that floor.
+
+    Each image is first divided by its largest magnitude (the z-score does not depend on the
+    scale): squared intensities near 1e20 would overflow float32 and those near 1e-30 underflow,
+    making a varying image look constant or NaN.
     """
     images = jnp.asarray(images, jnp.float32)
     axes = tuple(range(1, images.ndim))
+    peak = jnp.max(jnp.abs(images), axis=axes, keepdims=True)
+    images = images / jnp.where(peak > 0, peak, 1.0)
     w = jnp.ones_like(images) if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape)
     count = jnp.maximum(jnp.sum(w, axis=axes, keepdims=True), 1.0)
     mean = jnp.sum(w * images, axis=axes, keepdims=True) / count

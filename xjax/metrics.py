@@ -75,7 +75,8 @@ def x_metric(images, posterior, *, bins: int = 64, form: Form = "mi", mask=None)
 
     Args:
       images: ``(N, *spatial)`` warped images on the common grid.
-      posterior: ``(*spatial, K)`` spatial distribution of the common anatomy (rows sum to one).
+      posterior: ``(*spatial, K)`` spatial distribution of the common anatomy (rows sum to one;
+        NaN or negative values are refused when not traced).
       bins: ``L`` intensity bins (plus 4 padding bins).
       form: ``"mi"`` (the paper) or ``"reference"`` (sum of ``-H(K | U_j)``, the authors' code).
       mask: optional ``(*spatial)`` voxel weights.
@@ -93,6 +94,7 @@ def x_metric(images, posterior, *, bins: int = 64, form: Form = "mi", mask=None)
             f"posterior of shape {posterior.shape} does not match images of shape {images.shape}: "
             f"expected {spatial + (posterior.shape[-1],)}")
     validate.check_images(images)
+    validate.check_posterior(posterior)
     if mask is not None:
         mask = jnp.asarray(mask, images.dtype)
         validate.check_mask(mask, spatial)

@@ -295,9 +295,9 @@ def register(images, grid: Grid | None = None, config: Config | None = None, *, 
       :class:`Result`. Numerical failure is reported in ``Result.status``, not raised.
     """
     images = jnp.asarray(images)
+    validate.check_images(images)  # before any cast: a complex image is refused, not truncated
     if not jnp.issubdtype(images.dtype, jnp.floating):
         images = images.astype(jnp.float32)
-    validate.check_images(images)
     n, spatial = images.shape[0], images.shape[1:]
     grid = Grid.regular(spatial) if grid is None else grid
     if grid.shape != spatial:

@@ -1,8 +1,8 @@
 """Host-side checks of user input, shared by :func:`xjax.register`, the metrics and the command line.
 
 Every check raises ValueError naming the offending input (by ``names`` when given, else by index)
-and its value. Shape checks always run; value checks (finiteness, constancy, integrality) are
-skipped for jax tracers, so the checks can be called inside ``jit`` or ``vmap``.
+and its value. Shape and dtype checks always run; value checks (finiteness, sign, constancy,
+integrality) are skipped for jax tracers, so the checks can be called inside ``jit`` or ``vmap``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_bins", "check_images", "check_labels", "check_mask", "check_num_classes"]
+__all__ = ["check_bins", "check_images", "check_labels", "check_mask", "check_num_classes",
+           "check_posterior"]
 
 
 def _is_tracer(x) -> bool:
@@ -33,6 +34,16 @@ def _name(j: int, names: Sequence[str] | None, what: str = "image") -> str:
 def _array(x):
     """Arrays and tracers pass through; anything else (lists) becomes a numpy array."""
     return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
+def _check_real(x, what: str) -> None:
+    """Refuse a dtype that is not a real number (complex, bool, ...), rather than cast it (a
+    complex array would silently lose its imaginary part). The dtype is static, so this holds
+    for tracers too."""
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        complex_ = jnp.issubdtype(x.dtype, jnp.complexfloating)
+        hint = " (pass np.abs(x) or x.real explicitly)" if complex_ else ""
+        raise ValueError(f"{what} must be real numbers, got dtype {x.dtype}{hint}")
 
 
 def _fail_each(counts, describe) -> None:
@@ -56,8 +67,9 @@ def check_images(images, names: Sequence[str] | None = None) -> None:
       names: optional names of the ``N`` images (file paths) for error messages.
 
     Raises:
-      ValueError: fewer than two images, spatial rank not 2 or 3, NaN/Inf voxels (the image and the
-      count are named), or a constant image.
+      ValueError: fewer than two images, spatial rank not 2 or 3, a dtype that is not real
+      (complex: checked under ``jit`` too), NaN/Inf voxels (the image and the count are named), or
+      a constant image.
     """
     images = _array(images)
     shape = tuple(images.shape)
@@ -71,10 +83,9 @@ def check_images(images, names: Sequence[str] | None = None) -> None:
                          f"(images of shape {shape})")
     if names is not None and len(names) != shape[0]:
         raise ValueError(f"got {len(names)} names for {shape[0]} images")
+    _check_real(images, "images")
     if _is_tracer(images):
         return
-    if not (jnp.issubdtype(images.dtype, jnp.floating) or jnp.issubdtype(images.dtype, jnp.integer)):
-        raise ValueError(f"images must be real numbers, got dtype {images.dtype}")
     bad = _per_image(images, lambda xp, x: xp.sum(~xp.isfinite(x), axis=1))
     _fail_each(bad, lambda j: f"{_name(j, names)} has {int(bad[j])} NaN/Inf voxels")
     lo = _per_image(images, lambda xp, x: xp.min(x, axis=1))
@@ -101,6 +112,26 @@ def check_mask(mask, spatial_shape: Sequence[int]) -> None:
         raise ValueError(f"mask weights must be non-negative, got a minimum of {float(xp.min(mask)):g}")
     if not float(xp.sum(mask)) > 0:
         raise ValueError("mask is empty (its weights sum to 0)")
+
+
+def check_posterior(posterior) -> None:
+    """Check a posterior (class probabilities) ``(*spatial, K)``: real dtype, ``K >= 2`` and, when
+    not traced, finite and non-negative values.
+
+    Raises:
+      ValueError: naming the count of NaN/Inf values, or the most negative value.
+    """
+    posterior = _array(posterior)
+    _check_real(posterior, "posterior")
+    check_num_classes(posterior.shape[-1] if posterior.ndim else 0)
+    if _is_tracer(posterior):
+        return
+    xp = _xp(posterior)
+    bad = int(xp.sum(~xp.isfinite(posterior)))
+    if bad:
+        raise ValueError(f"posterior has {bad} NaN/Inf values (class probabilities must be finite)")
+    if bool(xp.any(posterior < 0)):
+        raise ValueError(f"posterior must be non-negative, got a minimum of {float(xp.min(posterior)):g}")
 
 
 def check_labels(labels, images_shape: Sequence[int], names: Sequence[str] | None = None) -> None:

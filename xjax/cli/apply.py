@@ -52,8 +52,12 @@ def apply_files(source: str, images: Sequence[str], outputs: Sequence[str],
         None).
       images, outputs: input and output NIfTI paths, one output per image.
       indices: transform index per image, or a single index for all.
+
+    Every output is checked before anything is read (:func:`xjax.io.check_output_path`: none may
+    be, hold or lie inside the source or an image), and the outputs are written all or none.
     """
-    from xjax.io import check_output_path, load_displacement, load_image, load_labels, save_image
+    from xjax.io import (atomic_output_files, check_output_path, load_displacement, load_image,
+                         load_labels, save_image)
     from xjax.resample import pull_image
 
     if len(outputs) != len(images):
@@ -65,20 +69,25 @@ def apply_files(source: str, images: Sequence[str], outputs: Sequence[str],
         per_image = list(indices) if indices is not None else [None] * len(images)
     else:
         per_image = list(indices) * len(images)
+    absolute = [os.path.abspath(o) for o in outputs]
+    twice = [o for o, a in zip(outputs, absolute) if absolute.count(a) > 1]
+    if twice:
+        raise ValueError(f"{twice[0]} is given twice as an output")
     for out in outputs:
-        check_output_path(out, force)
+        check_output_path(out, force, kind="file", inputs=[source, *images])
     jobs = []  # everything is read and checked before anything is written
-    for j, image_path, out in zip(per_image, images, outputs):
+    for j, image_path in zip(per_image, images):
         field_path = _displacement_source(source, j)
         disp, common = load_displacement(field_path)
         values, grid = load_labels(image_path) if labels else load_image(image_path)
         if grid.ndim != common.ndim:
             raise ValueError(f"{image_path}: a {grid.ndim}D image cannot be warped by the "
                              f"{common.ndim}D displacement {field_path}")
-        jobs.append((values, grid, disp, common, out))
-    for values, grid, disp, common, out in jobs:
-        warped = pull_image(values, grid, common, disp, order=0 if labels else 1)
-        save_image(out, warped, common, dtype=label_dtype(warped) if labels else None)
+        jobs.append((values, grid, disp, common))
+    with atomic_output_files(outputs, force) as temporaries:  # all outputs or none
+        for (values, grid, disp, common), tmp in zip(jobs, temporaries):
+            warped = pull_image(values, grid, common, disp, order=0 if labels else 1)
+            save_image(tmp, warped, common, dtype=label_dtype(warped) if labels else None)
 
 
 def add_parser(commands) -> None:

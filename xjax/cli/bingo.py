@@ -92,7 +92,7 @@ def train_files(manifest, output, *, scheme="complete", steps=1000, batch=4, fea
     from xjax.nn.bingo import train as bingo_train
     from xjax.progress import ProgressBar, null
 
-    check_output_path(output, force)
+    check_output_path(output, force, kind="file", inputs=[manifest, checkpoint, log])
     data, modalities, grid = load_manifest(manifest)
     config = bingo.BingoConfig(ndim=grid.ndim, num_modalities=len(modalities),
                                features=tuple(features), latent=latent,
@@ -126,7 +126,7 @@ def predict_files(weights, images, modalities, outdir, *, chunk=64, force=False)
     from xjax.intensity import unit_range as normalise
     from xjax.nn.bingo.train import load_model
 
-    check_output_path(outdir, force)
+    check_output_path(outdir, force, kind="directory", inputs=[weights, *images])
     model, stored = load_model(weights)
     names = stored.get("modalities") or [str(k) for k in range(model.config.num_modalities)]
     if len(modalities) != len(images):

@@ -85,8 +85,10 @@ def check_options(options: dict) -> None:
         if options.get(name) is not None and options[name] < 1:
             raise ValueError(f"--{name} must be >= 1, got {options[name]}")
     for name in ("spacing", "lr"):
-        if options.get(name) is not None and not options[name] > 0:
-            raise ValueError(f"--{name} must be > 0, got {options[name]}")
+        value = options.get(name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if value is not None and not all(v > 0 for v in values):
+            raise ValueError(f"--{name} must be > 0, got {value}")
     if options.get("bending") is not None and not options["bending"] >= 0:
         raise ValueError(f"--bending must be >= 0, got {options['bending']}")
     if options.get("sample_rate") is not None and not 0 < options["sample_rate"] <= 1:
@@ -116,6 +118,26 @@ def settings(preset: str, options: dict | None, reference, seed: int):
     }
 
 
+def quality_report(paths, quality) -> list[dict]:
+    """One entry per input of :class:`xjax.config.Quality`: its Jacobian determinant minimum,
+    folded fraction and movement (mean and 99th percentile, mm)."""
+    import numpy as np
+
+    fields = {name: np.asarray(value, np.float64) for name, value in quality._asdict().items()}
+    return [{"path": path, **{name: float(value[j]) for name, value in fields.items()}}
+            for j, path in enumerate(paths)]
+
+
+def _warn_folded(report: dict) -> None:
+    """Name each input whose transform folds (status 3), with how much of it."""
+    for entry in report.get("quality", []):
+        if entry["folded_fraction"] > 0:
+            print(f"xjax: warning: {entry['path']}: its transform folds on "
+                  f"{100 * entry['folded_fraction']:.3g}% of the common grid (least Jacobian "
+                  f"determinant {entry['jacobian_min']:.3g}); raise --bending or use a coarser "
+                  f"--spacing", file=sys.stderr)
+
+
 def finished(report: dict, outdir: str, quiet: bool) -> int:
     """Print how a registration ended (a warning on stderr if it failed, else a summary unless
     ``quiet``); returns the exit status, 1 for a failed registration."""
@@ -125,6 +147,7 @@ def finished(report: dict, outdir: str, quiet: bool) -> int:
         status = report["status"]
         print(f"xjax: warning: the registration failed (status {status}: "
               f"{STATUS.get(status, 'see the report')}); outputs written to {outdir}", file=sys.stderr)
+        _warn_folded(report)
         return 1
     if not quiet:
         t = report["timings_s"]

@@ -90,7 +90,7 @@ def train_files(manifest, output, *, strategy="DGR", labelled_modality=0, num_cl
     from xjax.nn.dcc import train as dcc_train
     from xjax.progress import ProgressBar
 
-    check_output_path(output, force)
+    check_output_path(output, force, kind="file", inputs=[manifest, checkpoint, log])
     config = dcc_train.TrainConfig(strategy=strategy, labelled_modality=labelled_modality, batch_size=batch_size,
                                    seg_lr=seg_lr, reg_lr=reg_lr, alternate_every=alternate_every, seed=seed)
     loss_config = dcc_losses.LossConfig(num_classes=num_classes, bins=bins, bending_weight=bending)
@@ -128,7 +128,7 @@ def predict_files(weights, paths, outdir, *, force=False, quiet=False) -> dict:
     from xjax.nn.dcc import train as dcc_train
 
     paths = [os.path.abspath(p) for p in paths]
-    check_output_path(outdir, force)
+    check_output_path(outdir, force, kind="directory", inputs=[weights, *paths])
     model, prior, info = dcc_train.load_weights(weights)
     n = len(info["modalities"])
     if len(paths) != n:

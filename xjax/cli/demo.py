@@ -110,7 +110,7 @@ def run_demo(outdir: str, *, size: int = 128, modalities: int = 3, iterations: i
     if modalities < 2:
         raise ValueError(f"--modalities must be >= 2 for a group, got {modalities}")
     check_options({"iterations": iterations})
-    check_output_path(outdir, force)
+    check_output_path(outdir, force, kind="directory")
     k_phantom, k_misalign = jax.random.split(jax.random.key(seed))
     phantom = phantoms.make_phantom(k_phantom, (size, size), num_modalities=modalities)
     spacing = size / 4.0

@@ -27,7 +27,8 @@ import os
 import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
-from xjax.cli.common import INITS, PRESETS, finished, label_dtype, parse_reference, settings
+from xjax.cli.common import (INITS, PRESETS, finished, label_dtype, parse_reference, quality_report,
+                             settings)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,6 +88,7 @@ def _write_group(tmp: str, group: _Group, result, report: dict) -> None:
         "common_grid": grid_dict(common),
         "outputs": entries,
         "status": int(result.status),
+        "quality": quality_report(group.paths, result.quality),
         "loss_history": [float(v) for v in np.asarray(result.loss_history)],
         "pi": [float(v) for v in np.asarray(result.pi)],
     })
@@ -127,7 +129,7 @@ def register_files(paths: Sequence[str], outdir: str, *, preset: str = "rigid+ff
     from xjax.progress import ProgressBar
     from xjax.registration import register
 
-    check_output_path(outdir, force)
+    check_output_path(outdir, force, kind="directory", inputs=[*paths, mask])
     config, report = settings(preset, options, reference, seed)
     t0 = time.perf_counter()
     group = _load_group(paths, reference, mask)
@@ -194,7 +196,7 @@ def register_groups(root: str, outdir: str, *, preset: str = "rigid+ffd", refere
     from xjax.progress import ProgressBar
     from xjax.registration import register
 
-    check_output_path(outdir, force)
+    check_output_path(outdir, force, kind="directory", inputs=[root])
     config, common_settings = settings(preset, options, reference, seed)
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -239,7 +241,8 @@ def register_groups(root: str, outdir: str, *, preset: str = "rigid+ffd", refere
             _write_group(os.path.join(tmp, name), g, result, report)
             write_json(os.path.join(tmp, name, "report.json"), report)
             summary["groups"].append({"name": name, "images": len(g.paths), "status": report["status"],
-                                      "final_loss": report["loss_history"][-1]})
+                                      "final_loss": report["loss_history"][-1],
+                                      "quality": report["quality"]})
         summary["status"] = max(entry["status"] for entry in summary["groups"])
         summary["timings_s"]["write"] = time.perf_counter() - t2
         write_json(os.path.join(tmp, "report.json"), summary)
@@ -260,18 +263,27 @@ def add_parser(commands) -> None:
     reg.add_argument("--batch", type=int, metavar="G",
                      help="with --groups: groups per batched call (default: all)")
     reg.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
-    reg.add_argument("--preset", default="rigid+ffd", choices=PRESETS)
+    reg.add_argument("--preset", default="rigid+ffd", choices=PRESETS,
+                     help="the registration's stages (default: rigid+ffd, translation then rigid "
+                          "then a 24 mm B-spline FFD); see xjax.presets")
     reg.add_argument("--reference", type=parse_reference, default=0, metavar="J|bounds",
                      help="common grid: the grid of image J (default 0), or 'bounds' (a grid "
                           "holding every image, at the finest spacing)")
-    reg.add_argument("--classes", type=int, metavar="K", help="classes of the common anatomy")
-    reg.add_argument("--bins", type=int, metavar="L", help="Parzen intensity bins")
-    reg.add_argument("--iterations", type=int, metavar="N", help="steps per stage and level")
-    reg.add_argument("--levels", type=int, metavar="N", help="pyramid levels")
+    reg.add_argument("--classes", type=int, metavar="K", help="classes of the common anatomy (default 4)")
+    reg.add_argument("--bins", type=int, metavar="L",
+                     help="Parzen intensity bins (presets: 64; 32 for the translation stage)")
+    reg.add_argument("--iterations", type=int, metavar="N",
+                     help="steps per stage and level (presets: 100; translation stages half)")
+    reg.add_argument("--levels", type=int, metavar="N", help="pyramid levels (presets: 2; svf 3)")
     reg.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                     help="FFD control-point spacing in mm, one value per FFD level, coarse first")
-    reg.add_argument("--lr", type=float, metavar="LR", help="Adam step size of the non-linear stages")
-    reg.add_argument("--bending", type=float, metavar="LAMBDA", help="bending energy weight")
+                     help="FFD control-point spacing in mm, one value per FFD level, coarse first "
+                          "(presets: 24)")
+    reg.add_argument("--lr", type=float, metavar="LR",
+                     help="Adam step size of the non-linear stages, mm per step (presets: FFD 0.3, "
+                          "svf 0.1)")
+    reg.add_argument("--bending", type=float, metavar="LAMBDA",
+                     help="bending energy weight, dimensionless: the FFD's bending in units of its "
+                          "mesh spacing (presets: 1.0; svf 1.0 on its dense field)")
     reg.add_argument("--sample-rate", type=float, metavar="F",
                      help="fraction of the voxels drawn per step (presets: 0.1); raise it for small "
                           "images, where a few hundred voxels make noisy steps")
@@ -279,7 +291,8 @@ def add_parser(commands) -> None:
                      help="start of the common anatomy: k-means classes of the images (default) or "
                           "the paper's random posterior (Eq. 22)")
     reg.add_argument("--mask", metavar="MASK", help="NIfTI weight mask (any grid)")
-    reg.add_argument("--seed", type=int, default=0)
+    reg.add_argument("--seed", type=int, default=0,
+                     help="seed of the random voxel samples and the k-means start (default 0)")
     reg.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     reg.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     reg.set_defaults(run=run)
@@ -299,11 +312,13 @@ def run(args: argparse.Namespace) -> int:
         summary = register_groups(args.groups, args.output, preset=args.preset,
                                   reference=args.reference, options=options, seed=args.seed,
                                   batch=args.batch, force=args.force, quiet=args.quiet)
+        failed = [finished(entry, os.path.join(args.output, entry["name"]), True)
+                  for entry in summary["groups"]]
         if not args.quiet:
             t = summary["timings_s"]
             print(f"registered {len(summary['groups'])} groups into {args.output} (load {t['load']:.1f} s, "
                   f"compile and run {t['compile_and_run']:.1f} s, write {t['write']:.1f} s)")
-        return 0 if summary["status"] == 0 else 1
+        return 1 if any(failed) else 0
     if args.batch is not None:
         raise ValueError("--batch applies to --groups only")
     report = register_files(args.images, args.output, preset=args.preset, reference=args.reference,

@@ -6,8 +6,9 @@
   transforms (warped images, displacement fields, ``transforms.json``).
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``), and
-whole output directories through :func:`atomic_output_dir`, so a failed run leaves nothing
-half-written. Resampling between grids is numerical, not I/O: it lives in :mod:`xjax.resample`.
+whole output directories through :func:`atomic_output_dir` (several files through
+:func:`atomic_output_files`), so a failed run leaves nothing half-written. Resampling between
+grids is numerical, not I/O: it lives in :mod:`xjax.resample`.
 """
 
 from xjax.io.nifti import load_displacement as load_displacement
@@ -16,6 +17,7 @@ from xjax.io.nifti import load_labels as load_labels
 from xjax.io.nifti import save_image as save_image
 from xjax.io.outputs import TRANSFORMS_JSON as TRANSFORMS_JSON
 from xjax.io.outputs import atomic_output_dir as atomic_output_dir
+from xjax.io.outputs import atomic_output_files as atomic_output_files
 from xjax.io.outputs import check_output_path as check_output_path
 from xjax.io.outputs import file_stem as file_stem
 from xjax.io.outputs import grid_dict as grid_dict
@@ -25,6 +27,7 @@ from xjax.io.outputs import write_transforms as write_transforms
 __all__ = [
     "TRANSFORMS_JSON",
     "atomic_output_dir",
+    "atomic_output_files",
     "check_output_path",
     "file_stem",
     "grid_dict",

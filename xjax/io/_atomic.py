@@ -13,7 +13,7 @@ import secrets
 
 import nibabel as nib
 
-__all__ = ["_sibling", "_atomic_save"]
+__all__ = ["_sibling", "_suffix", "_atomic_save"]
 
 
 def _sibling(path: str, tag: str, suffix: str = "") -> str:
@@ -22,9 +22,14 @@ def _sibling(path: str, tag: str, suffix: str = "") -> str:
     return os.path.join(directory, f".{name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
+def _suffix(path: str) -> str:
+    """The extension that tells nibabel how to write ``path``: ``.nii.gz``, else the last one."""
+    return ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+
+
 def _atomic_save(img, path: str) -> None:
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    tmp = _sibling(path, "tmp", suffix)
+    """``nib.save(img, path)`` through a temporary sibling, so ``path`` appears whole or not at all."""
+    tmp = _sibling(path, "tmp", _suffix(path))
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)

@@ -96,6 +96,10 @@ def load_image(path) -> tuple[np.ndarray, Grid]:
     data, affine, _ = _read(path)
     data, grid = _spatial(data, affine, path)
     _check_finite(data, path)
+    largest, limit = float(np.max(np.abs(data), initial=0.0)), float(np.finfo(np.float32).max)
+    if largest > limit:
+        raise ValueError(f"{path}: values beyond the float32 range (largest magnitude {largest:.3g}, "
+                         f"float32 holds up to {limit:.3g}); rescale the image")
     return data.astype(np.float32), grid
 
 

@@ -18,16 +18,19 @@ disk and renamed over the destination, so a crash never leaves a truncated check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["save", "restore", "read_config", "FORMAT"]
+__all__ = ["save", "restore", "read_config", "network_of", "FORMAT"]
 
 #: Format tag stored in every checkpoint; :func:`restore` refuses other formats.
 FORMAT = "xjax-checkpoint-1"
@@ -83,22 +86,75 @@ def save(path, tree, *, config: dict | None = None) -> None:
         raise
 
 
-def _load(path) -> tuple[Any, dict]:
+#: what numpy raises on a truncated or corrupt ``.npz`` (when opening it or reading an entry).
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, UnicodeDecodeError)
+
+
+def _unreadable(path, error: Exception) -> ValueError:
+    """The error for a file that is not a readable checkpoint, naming it and numpy's reason."""
+    return ValueError(f"{path}: not a readable xjax weights file (truncated or corrupt? {error})")
+
+
+def _entry(data, name: str, path) -> np.ndarray:
+    """Entry ``name`` of the open archive ``data``; a corrupt entry raises :func:`_unreadable`."""
+    try:
+        return data[name]
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from None
+
+
+def _load(path, *, arrays: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Read the checkpoint ``path``: ``({entry name: array}, metadata)``, the arrays left out
+    (``{}``) unless ``arrays``. The file is closed on return. ValueError names the file when it is
+    missing, truncated or corrupt, or not an xjax checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    data = np.load(path, allow_pickle=False)
-    if _META not in data.files:
-        raise ValueError(f"{str(path)!r} is not an xjax checkpoint (no metadata)")
-    meta = json.loads(data[_META].tobytes().decode("utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return data, meta
+    with open(path, "rb") as file:  # numpy leaves the file open when the archive is bad
+        try:
+            data = np.load(file, allow_pickle=False)
+        except _UNREADABLE as e:
+            raise _unreadable(path, e) from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise _unreadable(path, "a single .npy array, not an .npz archive")
+        with data:
+            if _META not in data.files:
+                raise ValueError(f"{str(path)!r} is not an xjax checkpoint (no metadata)")
+            try:
+                meta = json.loads(_entry(data, _META, path).tobytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _unreadable(path, e) from None
+            stored = meta.get("format") if isinstance(meta, dict) else None
+            if stored != FORMAT:
+                raise ValueError(f"checkpoint {str(path)!r} has format {stored!r}, expected {FORMAT!r}")
+            entries = {name: _entry(data, name, path) for name in data.files
+                       if name != _META} if arrays else {}
+    return entries, meta
 
 
 def read_config(path) -> dict:
     """The ``config`` dict stored in the checkpoint at ``path``."""
-    return _load(path)[1]["config"]
+    return _load(path, arrays=False)[1]["config"]
+
+
+def network_of(config: dict) -> str | None:
+    """Which network a stored ``config`` (of weights or a training checkpoint) belongs to:
+    ``"DCC"`` or ``"BInGo"`` when the fields of its ``"model"`` entry are fields of
+    :class:`~xjax.nn.dcc.DCCConfig` or :class:`~xjax.nn.bingo.BingoConfig` (older files may
+    lack fields added since), one at least of that config alone; else None."""
+    from xjax.nn.bingo.model import BingoConfig
+    from xjax.nn.dcc.model import DCCConfig
+
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return None
+    fields = {name: {f.name for f in dataclasses.fields(cls)}
+              for name, cls in (("DCC", DCCConfig), ("BInGo", BingoConfig))}
+    for name, own in fields.items():
+        others = set().union(*(f for n, f in fields.items() if n != name))
+        if set(model) <= own and set(model) - others:
+            return name
+    return None
 
 
 def restore(path, like) -> tuple[Any, dict]:
@@ -115,11 +171,11 @@ def restore(path, like) -> tuple[Any, dict]:
 
     Raises:
       ValueError: naming the missing, extra or mismatched entries when the checkpoint does not
-        fit ``like``.
+        fit ``like``; naming the file when it is truncated or corrupt.
     """
     data, meta = _load(path)
     template = _entries(like)
-    stored = set(data.files) - {_META}
+    stored = set(data)
     missing, extra = sorted(set(template) - stored), sorted(stored - set(template))
     if missing or extra:
         raise ValueError(f"checkpoint {str(path)!r} does not match the expected state: "

@@ -281,7 +281,10 @@ def save_model(path, model: BInGo, *, extra: dict | None = None) -> None:
 def load_model(path) -> tuple[BInGo, dict]:
     """A model from :func:`save_model`'s file: ``(model, stored config dict)``."""
     stored = checkpoint.read_config(path)
-    if "model" not in stored:
+    if checkpoint.network_of(stored) == "DCC":
+        raise ValueError(f"{path} holds DCC weights, not BInGo weights ('xjax dcc predict' reads "
+                         "them)")
+    if checkpoint.network_of(stored) != "BInGo":
         raise ValueError(f"{path} holds no BInGo model configuration")
     model = create(BingoConfig.from_dict(stored["model"]))
     params, _ = checkpoint.restore(path, nnx.state(model, nnx.Param))

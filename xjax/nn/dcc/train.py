@@ -422,6 +422,9 @@ def save_weights(path, model: DCC, prior, config: dict, *, half: bool = True) ->
 def load_weights(path) -> tuple[DCC, jax.Array, dict]:
     """``(model, prior, config)`` from a file written by :func:`save_weights` (float32 model)."""
     config = checkpoint.read_config(path)
+    if checkpoint.network_of(config) == "BInGo":
+        raise ValueError(f"{path} holds BInGo weights, not DCC weights ('xjax bingo predict' reads "
+                         "them)")
     try:
         model = create(DCCConfig(**config["model"]))
         stored = jnp.dtype(config.get("param_dtype", "float32"))
