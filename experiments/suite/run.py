@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def elastix_pair(fixed, moving, grid, name, quick):
     f, m = _to_itk(fixed, grid), _to_itk(moving, grid)
     result, params = itk.elastix_registration_method(f, m, parameter_object=_elastix_maps(name, quick),
                                                       log_to_console=False)
-    field = itk.transformix_deformation_field(m, params)
+    with tempfile.TemporaryDirectory() as scratch:  # transformix writes its field file there
+        field = itk.transformix_deformation_field(m, params, output_directory=scratch)
     v = np.asarray(itk.array_from_image(field), np.float32)  # (z, y, x, D) in the ITK frame
     v = np.transpose(v, tuple(range(grid.ndim - 1, -1, -1)) + (grid.ndim,))
     u = v * np.sign(_spacing(grid)).astype(np.float32)
