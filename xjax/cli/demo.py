@@ -126,7 +126,11 @@ def run_demo(outdir: str, *, size: int = 128, modalities: int = 3, iterations: i
     image_paths = [os.path.join(outdir, "inputs", f"image_{j}.nii.gz") for j in range(modalities)]
     label_paths = [os.path.join(outdir, "inputs", f"labels_{j}.nii.gz") for j in range(modalities)]
     registration = os.path.join(outdir, "registration")
-    options = {"iterations": iterations, "levels": 2, "spacing": spacing, "classes": num_classes}
+    # The misalignment's coefficients reach a quarter of the mesh spacing, where the preset's
+    # bending weight (1.0, chosen to keep aligned images still) holds part of it back; 0.1 lets
+    # it through (gWI 2.33 -> 0.88 mm, against 1.31 mm at 1.0).
+    options = {"iterations": iterations, "levels": 2, "spacing": spacing, "classes": num_classes,
+               "bending": 0.1}
     report = register_files(image_paths, registration, preset="ffd", options=options, seed=seed,
                             quiet=quiet)
     warped_labels = [os.path.join(outdir, f"warped_labels_{j}.nii.gz") for j in range(modalities)]
